@@ -1,0 +1,1 @@
+"""Distributed ResNet batch-training pipeline."""

@@ -1,0 +1,267 @@
+"""The pipeline's one configuration object.
+
+`PipelineConfig` is loaded from YAML, overridden by `--set a.b=c` pairs, and validated as a whole
+before any cluster work starts: every problem is reported at once with its field path. Workers get
+it as a plain dict (`to_dict`) and MLflow gets it flattened (`flatten`).
+
+The only environment variables read are the standard ones, and only here: MLFLOW_TRACKING_URI,
+RAY_ADDRESS, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_REGION / AWS_DEFAULT_REGION.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """How `s3://` URIs are reached. Credentials always come from the boto3 chain."""
+
+    endpoint_url: str | None = None  # MinIO / moto / any S3-compatible store; None = AWS
+    region: str | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=10)
+
+    def resolved(self) -> StorageConfig:
+        """Fill unset fields from the standard AWS environment variables."""
+        env = os.environ
+        return self.model_copy(
+            update={
+                "endpoint_url": self.endpoint_url
+                or env.get("AWS_ENDPOINT_URL_S3")
+                or env.get("AWS_ENDPOINT_URL"),
+                "region": self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            }
+        )
+
+
+class AugmentConfig(_Section):
+    random_crop_padding: int = Field(1, ge=0, le=32)  # pixels; 0 disables the shifted crop
+    hflip: bool = False  # digits must not be mirrored; natural images usually can
+    vflip: bool = False
+
+
+class DataConfig(_Section):
+    uri: str = "data/digits"  # dataset root holding manifest.json (local path or s3://)
+    prepare: Literal["digits"] | None = "digits"  # create the bundled dataset when uri is empty
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    augment: AugmentConfig = AugmentConfig()
+    shuffle_seed: int | None = None  # None: train.seed
+
+
+class DynamicConvConfig(_Section):
+    num_kernels: int = Field(4, ge=1, le=16)
+    reduction: int = Field(4, ge=1)
+    temperature_start: float = Field(30.0, gt=0)
+    temperature_end: float = Field(1.0, gt=0)
+    temperature_epochs: int = Field(10, ge=0)
+    replace_1x1: bool = False
+
+
+class ModelConfig(_Section):
+    name: str = "cifar_resnet20"
+    num_classes: int | None = Field(None, ge=2)  # None: from the dataset manifest
+    in_channels: int | None = Field(None, ge=1)  # None: from the dataset manifest
+    small_input: bool | None = None  # ImageNet-style nets: 3x3 stem, no max-pool; None = auto
+    shortcut: Literal["A", "B"] = "A"  # CIFAR nets only
+    zero_init_residual: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    dynamic: DynamicConvConfig = DynamicConvConfig()
+    # Transfer learning: a torchvision-format state dict file or a models:/ / runs:/ URI.
+    weights: str | None = None
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = Field(1.0, ge=0, le=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(128, ge=1)  # global: split over scaling.num_workers
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.2, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
+    warmup_epochs: float = Field(0.0, ge=0)  # cosine: linear warm-up; onecycle: pct_start*epochs
+    step_size: int = Field(30, ge=1)  # step schedule
+    gamma: float = Field(0.1, gt=0, le=1)  # step schedule
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)  # max global L2 norm
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    seed: int = 0
+    threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None = cpus
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only
+
+
+class RunConfig(_Section):
+    name: str | None = None  # same name again resumes; None: <experiment>-<timestamp>
+    storage_path: str = "runs"  # checkpoints: local dir or s3://
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)  # -1: retry forever
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "digits"
+    log_model: bool = True
+    timeout_s: float = Field(10.0, gt=0)  # how long to wait for a tracking server at start-up
+
+    def resolved_uri(self, project_dir: Path | None = None) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        base = (project_dir or Path.cwd()).resolve()
+        return f"sqlite:///{base / 'mlflow.db'}"
+
+
+class RegistryConfig(_Section):
+    model_name: str | None = "digits-resnet"  # None: do not register
+    promote: bool = True
+    min_improvement: float = Field(0.0, ge=0)  # accuracy points (0-1 scale) over the champion
+    class_floor: float = Field(0.0, ge=0, le=1)  # no class's accuracy may fall below this
+
+
+class PipelineConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        if self.train.batch_size < self.scaling.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) is smaller than "
+                f"scaling.num_workers ({self.scaling.num_workers}): every worker needs at least "
+                "one sample per step; raise the batch size or use fewer workers"
+            )
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError(
+                "train.precision=fp16 needs scaling.use_gpu=true (fp16 autocast with a grad "
+                "scaler is a GPU feature); use bf16 on CPU"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config: equal configs give equal digests."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; used for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, for example train.lr=0.05")
+        key, raw = pair.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {pair!r}: the key {key!r} has an empty part")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part!r} is set to a value and a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see README 'Configuration')"
+        given = e.get("input")
+        shown = "" if e["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  - {where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load YAML (or the defaults), apply `--set` overrides, validate everything at once."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+        source += " + --set"
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
