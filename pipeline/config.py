@@ -238,12 +238,16 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see README 'Configuration')"
         given = e.get("input")
-        shown = "" if e["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
+        shown = (
+            "" if e["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
+        )
         lines.append(f"  - {where}: {msg}{shown}")
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Load YAML (or the defaults), apply `--set` overrides, validate everything at once."""
     raw: dict[str, Any] = {}
     source = "defaults"

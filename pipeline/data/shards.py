@@ -1,0 +1,448 @@
+"""The dataset format: Parquet shards per split plus a manifest written last.
+
+Layout: `<root>/<split>/part-NNNNN.parquet` and `<root>/manifest.json`. Columns: `image` (binary:
+PNG bytes, or raw uint8 pixels in HWC order with the shape recorded in the manifest), `label`
+(int64), `id` (string). The manifest is the commit marker: a dataset without one does not exist.
+
+Writes are all-or-nothing. Locally the whole dataset is written into a hidden staging directory
+beside the target and renamed into place. On S3 (no rename) the shards go under the final prefix
+with a per-write suffix (`part-NNNNN-<write id>.parquet`), so they never clash with a dataset being
+replaced; the manifest is uploaded last, then the replaced dataset's shards are deleted. An aborted
+write deletes what it wrote and leaves any previous dataset untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field, ValidationError
+
+from pipeline import storage as st
+from pipeline.config import StorageConfig
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+    ]
+)
+
+
+class DatasetError(RuntimeError):
+    """A dataset problem; the message names the URI or file and what to do."""
+
+
+class ShardInfo(BaseModel):
+    path: str  # relative to the dataset root, e.g. "train/part-00000.parquet"
+    rows: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class SplitInfo(BaseModel):
+    rows: int = Field(ge=0)
+    class_counts: list[int]
+    shards: list[ShardInfo]
+
+
+class ImageSpec(BaseModel):
+    encoding: Literal["raw", "png"]
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: Literal[1, 3]
+    dtype: Literal["uint8"] = "uint8"
+    layout: Literal["HWC"] = "HWC"  # raw pixel order
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W), the order models see."""
+        return (self.channels, self.height, self.width)
+
+    @property
+    def raw_size(self) -> int:
+        return self.height * self.width * self.channels
+
+
+class Normalization(BaseModel):
+    mean: list[float]  # per channel, pixels scaled to [0, 1], over the train split
+    std: list[float]
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    created_at: str
+    source: str
+    classes: list[str]
+    image: ImageSpec
+    splits: dict[str, SplitInfo]
+    normalization: Normalization
+    digest: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [s.path for s in self.split(split).shards]
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise DatasetError(
+                f"dataset {self.name!r} has no split {name!r}; it has {sorted(self.splits)}"
+            )
+        return self.splits[name]
+
+
+def dataset_digest(splits: dict[str, SplitInfo]) -> str:
+    """Hash of the shard hashes: equal digests mean byte-identical shards."""
+    h = hashlib.sha256()
+    for split in sorted(splits):
+        for shard in splits[split].shards:  # shard order is row order, so it counts
+            h.update(f"{split}:{shard.sha256}:{shard.rows}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels <-> bytes
+
+
+def to_hwc_uint8(image: np.ndarray, channels: int) -> np.ndarray:
+    """Accept HW, HWC; return a contiguous HWC uint8 array with `channels` channels."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ValueError(f"expected an HW or HWC image, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    if image.shape[2] != channels:
+        raise ValueError(f"expected {channels} channel(s), got {image.shape[2]}")
+    return np.ascontiguousarray(image)
+
+
+def encode_image(image: np.ndarray, spec: ImageSpec) -> bytes:
+    if spec.encoding == "raw":
+        return image.tobytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if spec.channels == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_images(blobs: list[bytes], spec: ImageSpec) -> np.ndarray:
+    """Encoded column -> (N, H, W, C) uint8. Raises ValueError on a blob that does not decode."""
+    n = len(blobs)
+    if spec.encoding == "raw":
+        sizes = {len(b) for b in blobs}
+        if sizes - {spec.raw_size}:
+            raise ValueError(
+                f"raw image of {sorted(sizes - {spec.raw_size})[0]} bytes; the manifest says "
+                f"{spec.height}x{spec.width}x{spec.channels} = {spec.raw_size} bytes"
+            )
+        flat = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        return flat.reshape(n, spec.height, spec.width, spec.channels)
+    from PIL import Image
+
+    out = np.empty((n, spec.height, spec.width, spec.channels), dtype=np.uint8)
+    mode = "L" if spec.channels == 1 else "RGB"
+    for i, blob in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as img:
+                arr = np.asarray(img.convert(mode))
+        except Exception as exc:  # PIL raises many types for bad bytes
+            raise ValueError(f"row {i}: PNG does not decode ({exc})") from None
+        if arr.shape[:2] != (spec.height, spec.width):
+            raise ValueError(
+                f"row {i}: image is {arr.shape[0]}x{arr.shape[1]}, manifest says "
+                f"{spec.height}x{spec.width}"
+            )
+        out[i] = arr.reshape(spec.height, spec.width, spec.channels)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class DatasetWriter:
+    """Streams rows into shards and commits the dataset with its manifest.
+
+    Use as a context manager: leaving the block normally commits; an exception (or Ctrl-C) aborts
+    and removes everything written, so no partial dataset is ever visible.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        name: str,
+        classes: list[str],
+        image: ImageSpec,
+        source: str,
+        storage: StorageConfig | None = None,
+        shard_rows: int | None = None,
+        shard_mb: float = 64.0,
+        overwrite: bool = False,
+    ) -> None:
+        if not classes:
+            raise DatasetError(f"{uri}: a dataset needs at least one class")
+        if shard_rows is not None and shard_rows < 1:
+            raise DatasetError(f"shard_rows must be >= 1, got {shard_rows}")
+        if shard_mb <= 0:
+            raise DatasetError(f"shard_mb must be > 0, got {shard_mb}")
+        self.target = st.resolve(uri, storage)
+        self.name, self.classes, self.image, self.source = name, list(classes), image, source
+        self.storage = storage
+        self.shard_rows, self.shard_bytes = shard_rows, int(shard_mb * 1024 * 1024)
+        self.overwrite = overwrite
+        self._buffers: dict[str, list[tuple[bytes, int, str]]] = {}
+        self._buffer_bytes: dict[str, int] = {}
+        self._splits: dict[str, SplitInfo] = {}
+        self._sum = np.zeros(image.channels)
+        self._sumsq = np.zeros(image.channels)
+        self._pixels = 0
+        self.manifest: Manifest | None = None
+        self._write_id = uuid.uuid4().hex[:8]
+        self._replaced: Manifest | None = None
+        self._written: list[st.Location] = []
+        self._prepare_target()
+
+    # -- target handling ------------------------------------------------------------------------
+    def _prepare_target(self) -> None:
+        if self.target.is_s3:
+            st.check_bucket(self.target.uri, self.storage)
+        manifest = self.target.join(MANIFEST)
+        if st.exists(manifest):
+            if not self.overwrite:
+                raise DatasetError(
+                    f"{self.target.uri}: a dataset already exists here; pass --overwrite to "
+                    "replace it or choose another --out"
+                )
+            if self.target.is_s3:
+                self._replaced = read_manifest(self.target.uri, self.storage)
+        if self.target.is_s3:
+            self.root = self.target
+        else:
+            parent = Path(self.target.path).parent
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = parent / f".{Path(self.target.path).name}.staging-{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
+            self.root = st.Location(self.target.fs, str(staging), str(staging))
+
+    def add(self, split: str, image: np.ndarray, label: int, row_id: str) -> None:
+        if not 0 <= label < len(self.classes):
+            raise DatasetError(
+                f"row {row_id!r}: label {label} is out of range for {len(self.classes)} classes"
+            )
+        h, w = image.shape[:2]
+        if (h, w) != (self.image.height, self.image.width):
+            raise DatasetError(
+                f"row {row_id!r}: image is {h}x{w}, the dataset is "
+                f"{self.image.height}x{self.image.width}; resize it first (--size)"
+            )
+        pixels = to_hwc_uint8(image, self.image.channels)
+        if split == "train":
+            x = pixels.reshape(-1, self.image.channels).astype(np.float64) / 255.0
+            self._sum += x.sum(0)
+            self._sumsq += (x * x).sum(0)
+            self._pixels += x.shape[0]
+        blob = encode_image(pixels, self.image)
+        self._buffers.setdefault(split, []).append((blob, int(label), str(row_id)))
+        self._buffer_bytes[split] = self._buffer_bytes.get(split, 0) + len(blob)
+        full_rows = self.shard_rows is not None and len(self._buffers[split]) >= self.shard_rows
+        if full_rows or self._buffer_bytes[split] >= self.shard_bytes:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        rows = self._buffers.get(split) or []
+        if not rows:
+            return
+        info = self._splits.setdefault(
+            split, SplitInfo(rows=0, class_counts=[0] * len(self.classes), shards=[])
+        )
+        table = pa.table(
+            {
+                "image": pa.array([r[0] for r in rows], pa.binary()),
+                "label": pa.array([r[1] for r in rows], pa.int64()),
+                "id": pa.array([r[2] for r in rows], pa.string()),
+            },
+            schema=SCHEMA,
+        )
+        sink = pa.BufferOutputStream()
+        compression = "zstd" if self.image.encoding == "raw" else "none"  # PNG is compressed
+        pq.write_table(table, sink, compression=compression, row_group_size=4096)
+        data = sink.getvalue().to_pybytes()
+        suffix = f"-{self._write_id}" if self.target.is_s3 else ""
+        rel = f"{split}/part-{len(info.shards):05d}{suffix}.parquet"
+        loc = self.root.join(rel)
+        st.write_bytes_atomic(loc, data)
+        self._written.append(loc)
+        info.shards.append(
+            ShardInfo(
+                path=rel, rows=len(rows), bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+            )
+        )
+        info.rows += len(rows)
+        for _, label, _ in rows:
+            info.class_counts[label] += 1
+        self._buffers[split] = []
+        self._buffer_bytes[split] = 0
+
+    # -- commit / abort -------------------------------------------------------------------------
+    def commit(self) -> Manifest:
+        for split in list(self._buffers):
+            self._flush(split)
+        empty = [s for s, info in self._splits.items() if info.rows == 0]
+        if not self._splits or empty:
+            raise DatasetError(f"{self.target.uri}: no rows were written for split(s) {empty}")
+        if "train" not in self._splits:
+            raise DatasetError(f"{self.target.uri}: the dataset has no 'train' split")
+        mean = self._sum / max(self._pixels, 1)
+        std = np.sqrt(np.maximum(self._sumsq / max(self._pixels, 1) - mean**2, 1e-12))
+        manifest = Manifest(
+            name=self.name,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            source=self.source,
+            classes=self.classes,
+            image=self.image,
+            splits=self._splits,
+            normalization=Normalization(
+                mean=[round(float(m), 6) for m in mean], std=[round(float(s), 6) for s in std]
+            ),
+            digest=dataset_digest(self._splits),
+        )
+        blob = manifest.model_dump_json(indent=2).encode()
+        st.write_bytes_atomic(self.root.join(MANIFEST), blob)  # the commit marker, last
+        if self.target.is_s3:
+            self._delete_replaced_shards(manifest)
+        else:
+            self._swap_into_place()
+        self.manifest = manifest
+        return manifest
+
+    def _swap_into_place(self) -> None:
+        final = Path(self.target.path)
+        old = None
+        if final.exists():
+            if not self.overwrite and any(final.iterdir()):
+                raise DatasetError(
+                    f"{final}: exists and is not empty; pass --overwrite or choose another --out"
+                )
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(self.root.path, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _delete_replaced_shards(self, manifest: Manifest) -> None:
+        if self._replaced is None:
+            return
+        keep = {s.path for info in manifest.splits.values() for s in info.shards}
+        for info in self._replaced.splits.values():
+            for shard in info.shards:
+                if shard.path not in keep:
+                    _delete_quietly(self.root.join(shard.path))
+
+    def abort(self) -> None:
+        if self.manifest is not None:
+            return
+        if self.target.is_s3:
+            for loc in self._written:
+                _delete_quietly(loc)
+            if self._replaced is None:  # drop the directory markers pyarrow leaves behind
+                for split in self._splits:
+                    _delete_quietly(self.root.join(split), directory=True)
+                _delete_quietly(self.root, directory=True)
+        else:
+            shutil.rmtree(self.root.path, ignore_errors=True)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.manifest is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        elif exc_type is not None:
+            self.abort()
+
+
+def _delete_quietly(loc: st.Location, directory: bool = False) -> None:
+    """Best-effort clean-up: without a manifest, leftovers are invisible to readers anyway."""
+    try:
+        if directory:
+            # Only an empty directory (a marker): never delete someone else's files.
+            if not loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)):
+                loc.fs.delete_dir(loc.path)
+        else:
+            loc.fs.delete_file(loc.path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest:
+    """Load and check a dataset's manifest; errors say what is wrong and what to do."""
+    root = st.resolve(uri, storage)
+    if root.is_s3:
+        st.check_bucket(root.uri, storage)
+    loc = root.join(MANIFEST)
+    if not st.exists(loc):
+        raise DatasetError(
+            f"{root.uri}: no {MANIFEST} here, so this is not a dataset (or its write did not "
+            "finish); create one with `pipeline data prepare digits --out URI` or "
+            "`pipeline data import ...`"
+        )
+    raw = st.read_bytes(loc)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{loc.uri}: not valid JSON ({exc}); re-create the dataset") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise DatasetError(
+            f"{loc.uri}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise DatasetError(f"{loc.uri}: invalid manifest field {field}: {first['msg']}") from None
+
+
+def shard_location(uri: str, shard: ShardInfo, storage: StorageConfig | None = None) -> st.Location:
+    return st.resolve(uri, storage).join(shard.path)
+
+
+def read_shard(loc: st.Location) -> pa.Table:
+    """Read one shard, turning pyarrow's errors into ones that name the file."""
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return pq.read_table(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{loc.uri}: shard is missing") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"{loc.uri}: not a readable Parquet file ({exc})") from None

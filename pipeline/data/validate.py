@@ -1,0 +1,109 @@
+"""Re-check a dataset against its manifest and report every problem, one line each.
+
+`validate_dataset` is the deep check behind `pipeline data validate` (reads every byte: existence,
+size, sha256, Parquet schema, row counts, decodable images, labels in range, digest).
+`check_shards_present` is the cheap check run before training (existence and size only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage as st
+from pipeline.config import StorageConfig
+from pipeline.data.shards import (
+    SCHEMA,
+    DatasetError,
+    Manifest,
+    ShardInfo,
+    dataset_digest,
+    decode_images,
+    read_manifest,
+)
+
+
+def validate_dataset(
+    uri: str, storage: StorageConfig | None = None
+) -> tuple[Manifest | None, list[str]]:
+    """Return (manifest, problems); an empty list means the dataset is intact."""
+    try:
+        manifest = read_manifest(uri, storage)
+    except DatasetError as exc:  # storage errors (credentials, endpoint) propagate: not the data's
+        return None, [str(exc)]
+    root = st.resolve(uri, storage)
+    problems: list[str] = []
+    if dataset_digest(manifest.splits) != manifest.digest:
+        problems.append(
+            f"{root.join('manifest.json').uri}: digest does not match the shard list "
+            "(the manifest was edited); re-create the dataset"
+        )
+    for split, info in manifest.splits.items():
+        if info.rows == 0 or not info.shards:
+            problems.append(f"{root.uri}: split {split!r} is empty")
+        if sum(s.rows for s in info.shards) != info.rows:
+            problems.append(f"{root.uri}: split {split!r} row count disagrees with its shards")
+        for shard in info.shards:
+            problems.extend(_check_shard(root.join(shard.path), shard, manifest))
+    return manifest, problems
+
+
+def _check_shard(loc: st.Location, shard: ShardInfo, manifest: Manifest) -> list[str]:
+    if not st.exists(loc):
+        return [f"{loc.uri}: shard is missing (listed in the manifest)"]
+    data = st.read_bytes(loc)
+    problems = []
+    if len(data) != shard.bytes:
+        problems.append(f"{loc.uri}: size {len(data)} bytes, manifest says {shard.bytes}")
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        problems.append(f"{loc.uri}: sha256 checksum mismatch (the file changed after writing)")
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        return [*problems, f"{loc.uri}: truncated or corrupt Parquet ({exc})"]
+    if not table.schema.remove_metadata().equals(SCHEMA, check_metadata=False):
+        got = ", ".join(f"{f.name}:{f.type}" for f in table.schema)
+        want = ", ".join(f"{f.name}:{f.type}" for f in SCHEMA)
+        return [*problems, f"{loc.uri}: wrong schema ({got}); expected ({want})"]
+    if table.num_rows != shard.rows:
+        problems.append(f"{loc.uri}: {table.num_rows} rows, manifest says {shard.rows}")
+    labels = table.column("label").to_numpy()
+    bad = labels[(labels < 0) | (labels >= manifest.num_classes)]
+    if bad.size:
+        problems.append(
+            f"{loc.uri}: {bad.size} label(s) out of range 0..{manifest.num_classes - 1} "
+            f"(first: {int(bad[0])})"
+        )
+    blobs = table.column("image").to_pylist()
+    try:
+        decode_images(blobs, manifest.image)
+    except ValueError as exc:
+        problems.append(f"{loc.uri}: undecodable image: {exc}")
+    return problems
+
+
+def check_shards_present(
+    uri: str, manifest: Manifest, storage: StorageConfig | None = None
+) -> None:
+    """Cheap pre-flight check: every listed shard exists with its recorded size."""
+    root = st.resolve(uri, storage)
+    missing, resized = [], []
+    for info in manifest.splits.values():
+        paths = [root.join(s.path) for s in info.shards]
+        try:
+            infos = root.fs.get_file_info([p.path for p in paths])
+        except OSError as exc:
+            raise DatasetError(f"{root.uri}: cannot list shards: {exc}") from None
+        for loc, shard, finfo in zip(paths, info.shards, infos, strict=True):
+            if finfo.type.name == "NotFound":
+                missing.append(loc.uri)
+            elif finfo.size != shard.bytes:
+                resized.append(f"{loc.uri} ({finfo.size} bytes, manifest says {shard.bytes})")
+    if missing or resized:
+        lines = [f"missing shard: {m}" for m in missing] + [f"changed shard: {r}" for r in resized]
+        raise DatasetError(
+            f"{root.uri}: the dataset does not match its manifest; run `pipeline data validate "
+            f"{uri}` for details:\n  " + "\n  ".join(lines)
+        )

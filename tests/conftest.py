@@ -1,0 +1,110 @@
+"""Fixtures that start real servers on 127.0.0.1 (free ports) once per session and stop them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def start_moto(log: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    wait_for_port(port, proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+
+    def new_bucket(self) -> str:
+        import boto3
+
+        name = f"test-{uuid.uuid4().hex[:10]}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(
+            Bucket=name
+        )
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's standalone S3 server as a subprocess, reached over HTTP by boto3 and pyarrow."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc, endpoint = start_moto(log)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    mp.delenv("AWS_PROFILE", raising=False)
+    mp.setenv("AWS_ENDPOINT_URL", endpoint)
+    try:
+        yield S3Server(endpoint)
+    finally:
+        mp.undo()
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server_with_auth(tmp_path_factory) -> Iterator[str]:
+    """A moto server that checks credentials (none it knows), for the bad-credentials case."""
+    log = tmp_path_factory.mktemp("moto-auth") / "moto.log"
+    proc, endpoint = start_moto(log, {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        yield endpoint
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def s3_uri(s3_server) -> str:
+    """A fresh bucket and prefix on the test server."""
+    return f"s3://{s3_server.new_bucket()}/datasets/digits"
