@@ -33,8 +33,18 @@ err = Console(stderr=True)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.shards import DatasetError
     from pipeline.storage import StorageError
+    from pipeline.tracking import TrackingUnavailable
+    from pipeline.train.trainer import TrainingError
 
-    return (ConfigError, DatasetError, StorageError, FileNotFoundError, ValueError)
+    return (
+        ConfigError,
+        DatasetError,
+        StorageError,
+        TrackingUnavailable,
+        TrainingError,
+        FileNotFoundError,
+        ValueError,
+    )
 
 
 def friendly_errors(fn):
@@ -267,6 +277,70 @@ def models_list(
         out.print(json.dumps(rows, indent=2))
     else:
         out.print(format_model_table(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline train / evaluate
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (defaults when omitted).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field: --set train.lr=0.05 (repeatable)."),
+]
+
+
+@app.command("train")
+@friendly_errors
+def train(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Validate the config, then train with Ray Train and log everything to MLflow."""
+    from pipeline.config import load_config
+    from pipeline.train.trainer import run_training
+
+    cfg = load_config(config, overrides or [])
+    summary = run_training(cfg, console=err)
+    m = summary.metrics
+    table = Table(title=f"run {summary.run_name}", show_header=False)
+    for key in ("test_acc", "test_top5", "test_loss", "best_val_acc", "best_epoch"):
+        if key in m:
+            table.add_row(key, f"{m[key]:.4f}" if key != "best_epoch" else str(int(m[key])))
+    table.add_row("MLflow run", summary.run_url)
+    if summary.model_version:
+        table.add_row("model", f"models:/{summary.registered_name}/{summary.model_version}")
+    table.add_row("time", f"{summary.seconds:.0f} s")
+    out.print(table)
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", help="models:/NAME@alias, models:/NAME/N, runs:/ID/model or a directory."
+        ),
+    ],
+    data: Annotated[str, typer.Option("--data", help="Dataset root (local path or s3://).")],
+    split: Annotated[str, typer.Option(help="Which split to evaluate.")] = "test",
+    endpoint_url: EndpointOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Evaluate any logged model on a dataset split with its training preprocessing."""
+    from pipeline.evaluation import evaluate_model
+
+    result = evaluate_model(model, data, split, StorageConfig(endpoint_url=endpoint_url))
+    if as_json:
+        out.print(json.dumps(result, indent=2))
+        return
+    out.print(
+        f"{model} on {data} [{split}]: acc {result['acc']:.4f}  top5 {result['top5']:.4f}  "
+        f"loss {result['loss']:.4f}  ({result['count']} images)"
+    )
+    table = Table("class", "accuracy", title="per class")
+    for name, acc in result["per_class_accuracy"].items():
+        table.add_row(name, f"{acc:.4f}")
+    out.print(table)
 
 
 def main() -> None:  # pragma: no cover - console script entry point

@@ -365,7 +365,9 @@ def log_dataset_input(
         # Several registered local sources match a path; MLflow warns and picks one, harmlessly.
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(source_uri)
-    dataset = _ManifestDataset(source, name=name, digest=digest, num_rows=num_rows)
+    # MLflow caps a dataset digest at 36 characters; the full one is the run tag
+    # `pipeline.dataset_digest`. 32 hex digits (128 bits) still identify the shards.
+    dataset = _ManifestDataset(source, name=name, digest=digest[:32], num_rows=num_rows)
     mlflow.log_input(dataset, context=context)
 
 

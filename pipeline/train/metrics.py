@@ -88,15 +88,17 @@ class EpochMeter:
             counts = torch.bincount(cells, minlength=self.num_classes**2)
             self._sums[_NUM_SCALARS:] += counts.to(torch.float64)
 
-    def reduce(self) -> dict[str, Any]:
+    def reduce(self, all_workers: bool = True) -> dict[str, Any]:
         """Global metrics: one all-reduce (SUM) across workers when distributed, then ratios.
 
         Returns loss, acc, top5 (top-k with k = min(5, num_classes)), count, and confusion (an
-        int64 [true, predicted] CPU tensor) when enabled. With no samples anywhere, loss and the
-        accuracies are NaN: there is nothing to measure, and 0 would look like a real result.
+        int64 [true, predicted] CPU tensor) when enabled. `all_workers=False` keeps this worker's
+        numbers (rank 0 evaluating a whole split alone must not wait for the others). With no
+        samples anywhere, loss and the accuracies are NaN: there is nothing to measure, and 0
+        would look like a real result.
         """
         flat = self._sums.to(_collective_device(), copy=True)
-        if _distributed():
+        if all_workers and _distributed():
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat = flat.cpu()
         count = int(flat[_COUNT])

@@ -1,0 +1,47 @@
+"""Evaluate a logged model on a dataset split, outside Ray, with its training preprocessing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.config import StorageConfig
+from pipeline.data.ingest import BatchTransform
+from pipeline.data.shards import DatasetError, read_manifest, read_shard
+from pipeline.model_package import load_logged_model, preprocessing
+from pipeline.storage import resolve
+from pipeline.train.metrics import EpochMeter, per_class_accuracy
+
+
+@torch.no_grad()
+def evaluate_model(
+    model_uri: str, data_uri: str, split: str = "test", storage: StorageConfig | None = None
+) -> dict[str, Any]:
+    model, meta = load_logged_model(model_uri)
+    manifest = read_manifest(data_uri, storage)
+    image, norm = preprocessing(meta)
+    if image.shape != manifest.image.shape:
+        raise DatasetError(
+            f"{data_uri}: images are {manifest.image.shape} (CxHxW) but {model_uri} was trained "
+            f"on {image.shape}"
+        )
+    if manifest.classes != meta["classes"]:
+        raise DatasetError(f"{data_uri}: classes {manifest.classes} differ from the model's")
+    transform = BatchTransform(manifest.image, norm, augment=None)
+    meter = EpochMeter(len(manifest.classes), confusion=True)
+    root = resolve(data_uri, storage)
+    for shard in manifest.split(split).shards:
+        for batch in read_shard(root.join(shard.path)).to_batches(max_chunksize=512):
+            labels = batch.column("label").to_numpy()
+            out = transform({"image": batch.column("image").to_pylist(), "label": labels})
+            x, y = torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
+            logits = model(x)
+            meter.update(logits, y, torch.nn.functional.cross_entropy(logits, y))
+    result = meter.reduce()
+    confusion = result.pop("confusion")
+    result["per_class_accuracy"] = dict(
+        zip(manifest.classes, per_class_accuracy(confusion), strict=True)
+    )
+    result["confusion"] = confusion.tolist()
+    return result

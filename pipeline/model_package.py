@@ -1,0 +1,150 @@
+"""What a logged model carries, and how it is logged to MLflow and rebuilt from it.
+
+A logged model is the MLflow PyTorch flavour (`mlflow.pytorch.log_model`, torch.export's pt2 format
+where the model exports, with a signature and an input example) plus two extra files that make it
+safe and self-describing to load anywhere:
+  weights.pt           the state dict, loaded with `torch.load(weights_only=True)` (no pickle code)
+  pipeline_model.json  model config, classes, image spec, normalisation, dataset digest
+so a service rebuilds the network from the zoo and applies exactly the training preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.data.shards import ImageSpec, Manifest, Normalization
+from pipeline.models.zoo import build_model
+
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "pipeline_model.json"
+ARTIFACT_NAME = "model"
+
+
+def package_metadata(cfg: PipelineConfig, manifest: Manifest) -> dict[str, Any]:
+    c = manifest.image.channels
+    return {
+        "format_version": 1,
+        "model": cfg.model.model_dump(mode="json"),
+        "in_channels": cfg.model.in_channels or c,
+        "num_classes": cfg.model.num_classes or manifest.num_classes,
+        "image": manifest.image.model_dump(mode="json"),
+        "classes": manifest.classes,
+        "normalization": manifest.normalization.model_dump(mode="json"),
+        "dataset": {"name": manifest.name, "digest": manifest.digest, "uri": cfg.data.uri},
+        "config_digest": cfg.digest(),
+        "channels_last": cfg.train.channels_last,
+    }
+
+
+def example_input(meta: dict[str, Any], batch: int = 2) -> np.ndarray:
+    """A normalised float32 NCHW batch (batch > 1: torch.export needs a dynamic batch dim)."""
+    image = ImageSpec.model_validate(meta["image"])
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch, *image.shape)).astype(np.float32)
+
+
+def log_pipeline_model(model: nn.Module, cfg: PipelineConfig, manifest: Manifest):
+    """Log `model` to the active MLflow run under `model/`; returns MLflow's ModelInfo."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    meta = package_metadata(cfg, manifest)
+    model = model.cpu().eval()
+    example = example_input(meta)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(model.state_dict(), Path(d) / WEIGHTS_FILE)
+        (Path(d) / META_FILE).write_text(json.dumps(meta, indent=2))
+        extra = [str(Path(d) / WEIGHTS_FILE), str(Path(d) / META_FILE)]
+        return mlflow.pytorch.log_model(
+            model,
+            name=ARTIFACT_NAME,
+            signature=signature,
+            input_example=example,
+            extra_files=extra,
+            serialization_format="pickle" if not _exports(model, example) else "pt2",
+            pip_requirements=_requirements(),
+        )
+
+
+def _exports(model: nn.Module, example: np.ndarray) -> bool:
+    """Whether torch.export handles this model with a dynamic batch dimension."""
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        torch.export.export(model, (torch.from_numpy(example),), dynamic_shapes=({0: batch},))
+        return True
+    except Exception:  # export failures come in many types; fall back to the pickle format
+        return False
+
+
+def _requirements() -> list[str]:
+    import mlflow
+    import torchvision
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        "pyarrow",
+        "pydantic",
+        "pillow",
+    ]
+
+
+def rebuild(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network from a downloaded model directory, weights loaded weights-only."""
+    model_dir = Path(model_dir)
+    meta_path = _find(model_dir, META_FILE)
+    meta = json.loads(meta_path.read_text())
+    model = build_model(
+        ModelConfig.model_validate(meta["model"]),
+        in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"],
+        image_size=max(meta["image"]["height"], meta["image"]["width"]),
+    )
+    state = torch.load(_find(model_dir, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def _find(model_dir: Path, name: str) -> Path:
+    for candidate in (model_dir / name, model_dir / "extra_files" / name):
+        if candidate.is_file():
+            return candidate
+    found = sorted(model_dir.rglob(name))
+    if not found:
+        raise FileNotFoundError(
+            f"{model_dir}: no {name}; this model was not logged by `pipeline train`"
+        )
+    return found[0]
+
+
+def load_logged_model(uri: str) -> tuple[nn.Module, dict[str, Any]]:
+    """models:/NAME@alias, models:/NAME/3, runs:/ID/model or a local directory -> (model, meta)."""
+    if Path(uri).is_dir():
+        return rebuild(uri)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except MlflowException as exc:
+        raise ValueError(f"{uri}: cannot be downloaded from MLflow ({exc.message})") from None
+    return rebuild(local)
+
+
+def preprocessing(meta: dict[str, Any]) -> tuple[ImageSpec, Normalization]:
+    return (
+        ImageSpec.model_validate(meta["image"]),
+        Normalization.model_validate(meta["normalization"]),
+    )

@@ -1,0 +1,412 @@
+"""Driver side of `pipeline train`: pre-flight checks, Ray, the TorchTrainer, the live display.
+
+Everything that can be checked without a worker is checked first (config, dataset manifest and
+shards, model name, tracking server), so a mistake costs seconds, not a cluster start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline import storage as st
+from pipeline.config import PipelineConfig
+from pipeline.data.shards import Manifest, read_manifest
+from pipeline.data.validate import check_shards_present
+from pipeline.train.loop import (
+    COMPLETED_TAG,
+    model_for,
+    per_worker_batch,
+    steps_per_epoch,
+    train_loop_per_worker,
+)
+
+RUN_NAME_TAG = "pipeline.run_name"
+
+
+class TrainingError(RuntimeError):
+    """Training could not run or did not finish; the message says why and what to do."""
+
+
+@dataclass
+class TrainingSummary:
+    run_name: str
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint_path: str | None
+    model_version: str | None = None
+    registered_name: str | None = None
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def run_url(self) -> str:
+        base = self.tracking_uri.rstrip("/")
+        if base.startswith("http"):
+            return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"{base} (run {self.run_id}; browse with `mlflow ui --backend-store-uri {base}`)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight
+
+
+def ensure_dataset(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
+    """Read the manifest; create the bundled dataset first when configured and absent."""
+    uri = cfg.data.uri
+    root = st.resolve(uri, cfg.storage)
+    if (
+        cfg.data.prepare == "digits"
+        and not root.is_s3
+        and not Path(root.path, "manifest.json").exists()
+    ):
+        from pipeline.data.sources import WriteOptions, prepare_digits
+
+        if console:
+            console.print(f"preparing the bundled digits dataset at {uri}")
+        prepare_digits(WriteOptions(out=uri, storage=cfg.storage))
+    manifest = read_manifest(uri, cfg.storage)
+    check_shards_present(uri, manifest, cfg.storage)
+    for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
+        manifest.split(split)  # raises naming the missing split
+    return manifest
+
+
+def preflight(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
+    from pipeline import tracking
+
+    manifest = ensure_dataset(cfg, console)
+    with torch.device("meta"):  # checks name and arguments without allocating weights
+        model_for(
+            cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}),
+            manifest,
+        )
+    weights = cfg.model.weights
+    if weights and not weights.startswith(("models:/", "runs:/")) and not Path(weights).is_file():
+        raise TrainingError(f"model.weights: {cfg.model.weights}: file not found")
+    train_rows = manifest.split(cfg.data.train_split).rows
+    if steps_per_epoch(cfg, manifest) < 1:
+        raise TrainingError(
+            f"train.batch_size={cfg.train.batch_size}: the train split has {train_rows} rows, so "
+            f"each of {cfg.scaling.num_workers} workers gets fewer than one full batch of "
+            f"{per_worker_batch(cfg)}; lower the batch size"
+        )
+    tracking.check_tracking_server(cfg.tracking.resolved_uri(), cfg.tracking.timeout_s)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {
+        "log_to_driver": False,  # the live display replaces the workers' log stream
+        "logging_level": logging.WARNING,
+        "include_dashboard": False,
+        "configure_logging": True,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        # Ray Data's read and map tasks need CPU slots beside the training workers.
+        num_cpus = cfg.scaling.num_cpus or max(os.cpu_count() or 1, int(workers) + 1)
+        ray.init(num_cpus=num_cpus, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def cache_train_split(cfg: PipelineConfig, manifest: Manifest) -> bool:
+    """Whether workers keep their decoded train shard in memory (see DataConfig.cache)."""
+    if cfg.data.cache != "auto":
+        return cfg.data.cache == "always"
+    rows = manifest.split(cfg.data.train_split).rows
+    share_mb = rows * manifest.image.raw_size / cfg.scaling.num_workers / 2**20
+    return share_mb <= cfg.data.cache_max_mb
+
+
+def _datasets(cfg: PipelineConfig, manifest: Manifest, cache_train: bool) -> dict[str, Any]:
+    from pipeline.data.ingest import ray_dataset
+
+    return {
+        "train": ray_dataset(
+            cfg.data.uri,
+            manifest,
+            cfg.data.train_split,
+            augment=cfg.data.augment,
+            storage=cfg.storage,
+            decode_only=cache_train,
+        ),
+        "val": ray_dataset(
+            cfg.data.uri, manifest, cfg.data.val_split, augment=None, storage=cfg.storage
+        ),
+    }
+
+
+def _run_config(cfg: PipelineConfig, run_name: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage = st.resolve(cfg.run.storage_path, cfg.storage)
+    if storage.is_s3:
+        st.check_bucket(storage.uri, cfg.storage)
+    return RunConfig(
+        name=run_name,
+        storage_path=storage.path,
+        storage_filesystem=storage.fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+    )
+
+
+def _scaling_config(cfg: PipelineConfig):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=resources,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow run of a training run
+
+
+def _open_mlflow_run(
+    cfg: PipelineConfig, run_name: str, manifest: Manifest
+) -> tuple[str, str, bool]:
+    """Find the MLflow run of `run_name` (to resume) or create it: (run_id, exp_id, completed)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    uri = cfg.tracking.resolved_uri()
+    client = MlflowClient(uri)
+    existing = None
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        found = client.search_runs(
+            [exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+        )
+        existing = found[0] if found else None
+    tags = {
+        **tracking.standard_tags(),
+        RUN_NAME_TAG: run_name,
+        "pipeline.dataset_digest": manifest.digest,
+        "pipeline.config_digest": cfg.digest(),
+    }
+    run_id = tracking.start_or_resume_run(
+        uri,
+        cfg.tracking.experiment,
+        run_id=existing.info.run_id if existing else None,
+        run_name=run_name,
+        tags=tags,
+    )
+    completed = existing is not None and existing.data.tags.get(COMPLETED_TAG) == "true"
+    if not completed:
+        tracking.log_params_flat(cfg.to_dict())
+        tracking.log_dataset_input(
+            cfg.data.uri,
+            manifest.digest,
+            manifest.name,
+            num_rows={s: i.rows for s, i in manifest.splits.items()},
+        )
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    mlflow.end_run()  # rank 0 re-opens it; `pipeline.completed` (not the status) marks the end
+    return run_id, experiment_id, completed
+
+
+# ---------------------------------------------------------------------------------------------
+# Live display
+
+
+class LiveDisplay:
+    """Epoch lines plus a progress bar, fed by rank 0 through a Ray queue."""
+
+    def __init__(self, console: Console, epochs: int, start_epoch: int = 0) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.epochs = self.progress.add_task(
+            "epochs", total=epochs, completed=start_epoch, status=""
+        )
+        self.steps = self.progress.add_task("steps", total=None, status="starting workers")
+        self.first_step_at: float | None = None
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("kind")
+        if kind == "step":
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+            rate = msg["step"] / max(msg["elapsed"], 1e-9)
+            self.progress.update(
+                self.steps,
+                total=msg["steps"],
+                completed=msg["step"],
+                description=f"epoch {msg['epoch'] + 1}",
+                status=f"loss {msg['loss']:.3f}  {rate:.1f} steps/s",
+            )
+        elif kind == "epoch":
+            self.progress.update(self.epochs, completed=msg["epoch"] + 1)
+            self.console.print(
+                f"epoch {msg['epoch'] + 1:>3}/{msg['epochs']}  "
+                f"train loss {msg['train_loss']:.4f} acc {msg['train_acc']:.4f} | "
+                f"val loss {msg['val_loss']:.4f} acc {msg['val_acc']:.4f} "
+                f"top5 {msg['val_top5']:.4f} | {msg['images_per_s']:,.0f} img/s  "
+                f"{msg['epoch_time_s']:.1f}s  lr {msg['lr']:.4f}",
+                highlight=False,
+            )
+        elif kind == "phase":
+            self.progress.update(self.steps, status=msg["text"])
+
+    def __enter__(self) -> LiveDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _fit_with_display(trainer, progress_queue, display: LiveDisplay):
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
+    thread.start()
+    with display:
+        while thread.is_alive() or not progress_queue.empty():
+            try:
+                display.handle(progress_queue.get(timeout=0.25))
+            except (queue.Empty, Exception) as exc:  # ray's queue raises its own Empty
+                if not isinstance(exc, queue.Empty) and type(exc).__name__ != "Empty":
+                    raise
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole job
+
+
+def run_training(cfg: PipelineConfig, console: Console | None = None) -> TrainingSummary:
+    from mlflow.tracking import MlflowClient
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    console = console or Console(stderr=True)
+    started = time.time()
+    cfg = cfg.with_absolute_paths()
+    manifest = preflight(cfg, console)
+    run_name = cfg.run.name or f"{cfg.tracking.experiment}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run_id, experiment_id, completed = _open_mlflow_run(cfg, run_name, manifest)
+    uri = cfg.tracking.resolved_uri()
+    if completed:
+        console.print(
+            f"run {run_name!r} already finished (MLflow run {run_id}); nothing to do. "
+            "Use a new run.name to train again."
+        )
+    else:
+        init_ray(cfg)
+        progress_queue = Queue()
+        cache_train = cache_train_split(cfg, manifest)
+        storage = st.resolve(cfg.run.storage_path, cfg.storage)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": cfg.to_dict(),
+                "manifest": manifest.model_dump(mode="json"),
+                "mlflow_run_id": run_id,
+                "progress": progress_queue,
+                "cache_train": cache_train,
+                "failure_marker": str(
+                    Path(
+                        storage.path if not storage.is_s3 else "/tmp", run_name, ".injected-failure"
+                    )
+                ),
+            },
+            scaling_config=_scaling_config(cfg),
+            run_config=_run_config(cfg, run_name),
+            datasets=_datasets(cfg, manifest, cache_train),
+        )
+        console.print(
+            f"training {cfg.model.name} on {manifest.name} ({cfg.data.uri}) with "
+            f"{cfg.scaling.num_workers} worker(s), run {run_name!r}"
+        )
+        display = LiveDisplay(console, cfg.train.epochs)
+        try:
+            result = _fit_with_display(trainer, progress_queue, display)
+        except Exception as exc:
+            MlflowClient(uri).set_terminated(run_id, status="FAILED")
+            raise TrainingError(f"training run {run_name!r} failed: {_root_cause(exc)}") from exc
+        if result.error is not None:
+            MlflowClient(uri).set_terminated(run_id, status="FAILED")
+            raise TrainingError(f"training run {run_name!r} failed: {_root_cause(result.error)}")
+    return _summary(cfg, run_name, run_id, experiment_id, time.time() - started)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def _summary(cfg: PipelineConfig, run_name: str, run_id: str, experiment_id: str, seconds: float):
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.tracking.resolved_uri()
+    run = MlflowClient(uri).get_run(run_id)
+    summary = TrainingSummary(
+        run_name=run_name,
+        run_id=run_id,
+        experiment_id=experiment_id,
+        tracking_uri=uri,
+        metrics=dict(run.data.metrics),
+        checkpoint_path=None,
+        seconds=seconds,
+    )
+    if cfg.registry.model_name and cfg.tracking.log_model:
+        from pipeline.registry import register_run_model
+
+        version = register_run_model(cfg, run_id)
+        summary.model_version, summary.registered_name = version.version, version.name
+    return summary
