@@ -142,8 +142,8 @@ class RunConfig(_Section):
     storage_path: str = "runs"  # checkpoints: local dir or s3://
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
-    # Testing fault tolerance on a real cluster: the last worker's process dies (os._exit) at the
-    # start of this epoch, once per run. Leave unset in production.
+    # Testing fault tolerance on a real cluster: the last worker's process dies (os._exit) halfway
+    # through this epoch (0-based), once per run. Leave unset in production.
     fail_at_epoch: int | None = Field(None, ge=0)
 
 
@@ -198,11 +198,17 @@ class PipelineConfig(_Section):
         return self.model_dump(mode="json")
 
     def with_absolute_paths(self) -> PipelineConfig:
-        """Local dataset, checkpoint and tracking paths made absolute for remote workers."""
+        """Paths made absolute and env-derived settings fixed as the driver sees them, so that
+        workers in other directories and processes see the same thing."""
         tracking = self.tracking.model_copy(update={"tracking_uri": self.tracking.resolved_uri()})
         run = self.run.model_copy(update={"storage_path": _absolute_uri(self.run.storage_path)})
         return self.model_copy(
-            update={"data": self.data.absolute(), "run": run, "tracking": tracking}
+            update={
+                "data": self.data.absolute(),
+                "run": run,
+                "tracking": tracking,
+                "storage": self.storage.resolved(),
+            }
         )
 
     def to_yaml(self) -> str:

@@ -108,3 +108,19 @@ def s3_server_with_auth(tmp_path_factory) -> Iterator[str]:
 def s3_uri(s3_server) -> str:
     """A fresh bucket and prefix on the test server."""
     return f"s3://{s3_server.new_bucket()}/datasets/digits"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the whole test session (its daemons cost a share of 2 cores).
+
+    Started after the S3 test server so that workers inherit its endpoint and credentials.
+    """
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.train.trainer import init_ray
+
+    init_ray(load_config(None, ["scaling.num_cpus=3"]))
+    yield
+    ray.shutdown()

@@ -121,7 +121,11 @@ def ray_dataset(
 
 
 class WorkerCache:
-    """A worker's decoded train shard, kept after the first epoch and reshuffled every epoch."""
+    """A worker's decoded shard of a split, kept after the first epoch.
+
+    Every later epoch is served from memory: reshuffled with the epoch's seed (train) or in order
+    (validation, `seed=None`), and augmented and normalised by `transform` as Ray Data would.
+    """
 
     def __init__(self, transform: BatchTransform) -> None:
         self.transform = transform
@@ -141,10 +145,16 @@ class WorkerCache:
         self._images, self._labels = [], []
         self.ready = True
 
-    def epoch(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self._all_labels), generator=gen)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
+    def epoch(
+        self, batch_size: int, seed: int | None, drop_last: bool = True
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self._all_labels)
+        if seed is None:
+            order = torch.arange(n)
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        end = n - batch_size + 1 if drop_last else n
+        for i in range(0, max(end, 0), batch_size):
             idx = order[i : i + batch_size]
             x = self.transform.to_tensor(self._all_images[idx].numpy())
             yield {"image": x, "label": self._all_labels[idx]}

@@ -141,15 +141,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch = per_worker_batch(cfg)
-    cache = None
-    if loop_config.get("cache_train"):
+    cache = val_cache = None
+    if loop_config.get("cache"):
         augment_seed = cfg.train.seed * 7919 + rank * 104_729 + state.epoch
         cache = WorkerCache(
             BatchTransform(manifest.image, manifest.normalization, cfg.data.augment, augment_seed)
         )
+        val_cache = WorkerCache(BatchTransform(manifest.image, manifest.normalization, None))
+    val_batch = max(batch, 256)
 
     for epoch in range(state.epoch, cfg.train.epochs):
-        _maybe_inject_failure(cfg, epoch, rank, loop_config.get("failure_marker"))
         dy = cfg.model.dynamic
         set_temperature(
             model,
@@ -184,11 +185,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             steps,
             progress if rank == 0 else None,
             epoch,
+            on_step=lambda i, epoch=epoch: _on_step(
+                i, epoch, steps, rank, cfg, loop_config, tracker
+            ),
         )
         eval_model = ema.module if ema is not None else model
+        if val_cache is not None and val_cache.ready:
+            val_batches = val_cache.epoch(val_batch, seed=None, drop_last=False)
+        elif val_cache is not None:
+            val_batches = val_cache.fill(val_shard.iter_torch_batches(batch_size=val_batch))
+        else:
+            val_batches = val_shard.iter_torch_batches(batch_size=val_batch, device=device)
         val = evaluate(
             eval_model,
-            val_shard.iter_torch_batches(batch_size=max(batch, 256), device=device),
+            val_batches,
             cfg,
             device,
             manifest.num_classes,
@@ -234,6 +244,7 @@ def train_one_epoch(
     steps,
     progress,
     epoch,
+    on_step=None,
 ) -> dict[str, float]:
     model.train()
     meter = EpochMeter(num_classes, device=device)
@@ -243,6 +254,8 @@ def train_one_epoch(
     for i, b in enumerate(batches):
         if i >= steps:  # every worker takes exactly `steps` steps (DDP needs equal counts)
             break
+        if on_step is not None:
+            on_step(i)
         x = b["image"].to(device, memory_format=memory_format, non_blocking=True)
         y = b["label"].to(device, non_blocking=True)
         x, target = mixer(x, y)
@@ -346,10 +359,21 @@ def _report(row, state, model, optimizer, scheduler, scaler, ema, mixer, is_rank
         )
 
 
-def _maybe_inject_failure(cfg: PipelineConfig, epoch: int, rank: int, marker: str | None) -> None:
+def _on_step(i, epoch, steps, rank, cfg, loop_config, tracker) -> None:
+    if i == 0 and tracker is not None and tracker.first_step_s is None:
+        # Seconds from the `pipeline train` process start to the first optimizer step.
+        tracker.first_step_s = time.time() - loop_config.get("started_at", time.time())
+    _maybe_inject_failure(cfg, epoch, i, steps, rank, loop_config.get("failure_marker"))
+
+
+def _maybe_inject_failure(
+    cfg: PipelineConfig, epoch: int, step: int, steps: int, rank: int, marker: str | None
+) -> None:
     """Testing fault tolerance for real: the last worker's process dies (no exception, no
-    clean-up) at the start of `run.fail_at_epoch`, once per run (a marker file remembers)."""
+    clean-up) halfway through epoch `run.fail_at_epoch`, once per run (a marker file remembers)."""
     if cfg.run.fail_at_epoch is None or epoch != cfg.run.fail_at_epoch or marker is None:
+        return
+    if step != steps // 2:
         return
     if rank != cfg.scaling.num_workers - 1 or os.path.exists(marker):
         return
@@ -365,14 +389,26 @@ class _RankZeroTracker:
         from pipeline import tracking
 
         self.cfg = cfg
+        self._logged: set[int] | None = None
+        self.first_step_s: float | None = None
         self.run_id = tracking.start_or_resume_run(
             cfg.tracking.resolved_uri(), cfg.tracking.experiment, run_id=run_id
         )
 
     def log_epoch(self, row: dict[str, float]) -> None:
+        import mlflow
+
         from pipeline import tracking
 
-        tracking.log_epoch_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+        if self._logged is None:  # read once: which epochs a crashed attempt already logged
+            self._logged = tracking.logged_epochs(self.run_id, "val_acc")
+        if self.first_step_s is not None and not self._logged:
+            mlflow.log_metric("time_to_first_step_s", self.first_step_s)
+        if row["epoch"] not in self._logged:
+            mlflow.log_metrics(
+                {k: float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"]
+            )
+            self._logged.add(row["epoch"])
 
     def finish(self, model, history, manifest: Manifest, loop_config, progress) -> None:
         import mlflow

@@ -33,6 +33,7 @@ from pipeline.train.loop import (
 )
 
 RUN_NAME_TAG = "pipeline.run_name"
+_IMPORTED_AT = time.time()
 
 
 class TrainingError(RuntimeError):
@@ -137,29 +138,35 @@ def init_ray(cfg: PipelineConfig) -> None:
     ctx.print_on_execution_start = False
 
 
-def cache_train_split(cfg: PipelineConfig, manifest: Manifest) -> bool:
-    """Whether workers keep their decoded train shard in memory (see DataConfig.cache)."""
+def cache_in_workers(cfg: PipelineConfig, manifest: Manifest) -> bool:
+    """Whether workers keep their decoded train and val shards in memory (DataConfig.cache)."""
     if cfg.data.cache != "auto":
         return cfg.data.cache == "always"
-    rows = manifest.split(cfg.data.train_split).rows
+    rows = manifest.split(cfg.data.train_split).rows + manifest.split(cfg.data.val_split).rows
     share_mb = rows * manifest.image.raw_size / cfg.scaling.num_workers / 2**20
     return share_mb <= cfg.data.cache_max_mb
 
 
-def _datasets(cfg: PipelineConfig, manifest: Manifest, cache_train: bool) -> dict[str, Any]:
+def _datasets(cfg: PipelineConfig, manifest: Manifest, cache: bool) -> dict[str, Any]:
     from pipeline.data.ingest import ray_dataset
 
+    split = cfg.data
     return {
         "train": ray_dataset(
-            cfg.data.uri,
+            split.uri,
             manifest,
-            cfg.data.train_split,
-            augment=cfg.data.augment,
+            split.train_split,
+            augment=split.augment,
             storage=cfg.storage,
-            decode_only=cache_train,
+            decode_only=cache,
         ),
         "val": ray_dataset(
-            cfg.data.uri, manifest, cfg.data.val_split, augment=None, storage=cfg.storage
+            split.uri,
+            manifest,
+            split.val_split,
+            augment=None,
+            storage=cfg.storage,
+            decode_only=cache,
         ),
     }
 
@@ -333,7 +340,7 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
     from ray.util.queue import Queue
 
     console = console or Console(stderr=True)
-    started = time.time()
+    started = _process_start()
     cfg = cfg.with_absolute_paths()
     manifest = preflight(cfg, console)
     run_name = cfg.run.name or f"{cfg.tracking.experiment}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
@@ -347,7 +354,7 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
     else:
         init_ray(cfg)
         progress_queue = Queue()
-        cache_train = cache_train_split(cfg, manifest)
+        cache = cache_in_workers(cfg, manifest)
         storage = st.resolve(cfg.run.storage_path, cfg.storage)
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -356,7 +363,8 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
                 "manifest": manifest.model_dump(mode="json"),
                 "mlflow_run_id": run_id,
                 "progress": progress_queue,
-                "cache_train": cache_train,
+                "cache": cache,
+                "started_at": started,
                 "failure_marker": str(
                     Path(
                         storage.path if not storage.is_s3 else "/tmp", run_name, ".injected-failure"
@@ -365,7 +373,7 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
             },
             scaling_config=_scaling_config(cfg),
             run_config=_run_config(cfg, run_name),
-            datasets=_datasets(cfg, manifest, cache_train),
+            datasets=_datasets(cfg, manifest, cache),
         )
         console.print(
             f"training {cfg.model.name} on {manifest.name} ({cfg.data.uri}) with "
@@ -381,6 +389,20 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
             MlflowClient(uri).set_terminated(run_id, status="FAILED")
             raise TrainingError(f"training run {run_name!r} failed: {_root_cause(result.error)}")
     return _summary(cfg, run_name, run_id, experiment_id, time.time() - started)
+
+
+def _process_start() -> float:
+    """When this process started (wall clock): the command's start, imports included."""
+    try:  # Linux: start time in clock ticks after boot, and the boot time
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
 
 
 def _root_cause(exc: BaseException) -> str:

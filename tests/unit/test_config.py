@@ -53,7 +53,7 @@ def test_batch_smaller_than_workers_is_refused():
 
 
 def test_fp16_needs_gpu():
-    with pytest.raises(ConfigError, match="fp16 needs scaling.use_gpu"):
+    with pytest.raises(ConfigError, match=r"fp16 needs scaling\.use_gpu"):
         load_config(None, ["train.precision=fp16"])
 
 

@@ -1,0 +1,219 @@
+"""Training throughput: this pipeline against a minimal Ray Train loop and a bare PyTorch loop.
+
+Measured in one run, same model (cifar_resnet20), same global batch, same threads in total:
+  (a) pipeline  `run_training` on the Parquet digits: Ray Data ingest, the full loop (metrics,
+                progress, checkpoints, MLflow); steady-state `images_per_s` of the later epochs
+  (b) ray       a minimal TorchTrainer over in-memory tensors: DDP, SGD, nothing else
+  (c) bare      one process, a plain PyTorch loop over in-memory tensors
+and the time from process start to the first training step of (a).
+
+    .venv/bin/python jobs/bench/train_throughput.py [--epochs 8] [--out FILE.json]
+
+Prints a table and the ratios (a)/(b) (target >= 0.95) and (a)/(c); writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "cifar_resnet20"
+
+
+def in_memory_digits(uri: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The train split decoded and normalised once, as the in-memory loops get it."""
+    from pipeline.data.ingest import iter_split
+    from pipeline.data.shards import read_manifest
+
+    manifest = read_manifest(uri)
+    xs, ys = zip(*iter_split(uri, manifest, "train"), strict=True)
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy(), manifest.model_dump(mode="json")
+
+
+def build(manifest: dict):
+    from pipeline.config import ModelConfig
+    from pipeline.models.zoo import build_model
+
+    image = manifest["image"]
+    return build_model(
+        ModelConfig(name=MODEL),
+        in_channels=image["channels"],
+        num_classes=len(manifest["classes"]),
+        image_size=image["height"],
+    ).to(memory_format=torch.channels_last)
+
+
+def timed_steps(model, x, y, batch, steps, warmup, sync=lambda: None) -> float:
+    """Images/s over `steps` SGD steps after `warmup` steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    n = len(y)
+    rng = np.random.default_rng(0)
+    started = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            started = time.perf_counter()
+        idx = rng.integers(0, n, batch)
+        xb = torch.from_numpy(x[idx]).to(memory_format=torch.channels_last)
+        loss = torch.nn.functional.cross_entropy(model(xb), torch.from_numpy(y[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync()
+    return batch * steps / (time.perf_counter() - started)
+
+
+def bare_loop(x, y, manifest, batch, threads, repeats) -> list[float]:
+    torch.set_num_threads(threads)
+    model = build(manifest)
+    return [timed_steps(model, x, y, batch, steps=40, warmup=5) for _ in range(repeats)]
+
+
+def _ray_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(config["threads"])
+    model = ray.train.torch.prepare_model(build(config["manifest"]))
+    rank = ray.train.get_context().get_world_rank()
+    x, y = config["x"][rank :: config["world"]], config["y"][rank :: config["world"]]
+    rates = [
+        timed_steps(model, x, y, config["batch"], steps=40, warmup=5, sync=dist.barrier)
+        * config["world"]
+        for _ in range(config["repeats"])
+    ]
+    ray.train.report({"rates": json.dumps(rates)})
+
+
+def minimal_ray_loop(x, y, manifest, batch, workers, repeats) -> list[float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    with tempfile.TemporaryDirectory() as d:
+        result = TorchTrainer(
+            _ray_worker,
+            train_loop_config={
+                "x": x,
+                "y": y,
+                "manifest": manifest,
+                "batch": batch // workers,
+                "world": workers,
+                "threads": 1,
+                "repeats": repeats,
+            },
+            scaling_config=ScalingConfig(num_workers=workers),
+            run_config=RunConfig(name="bench-minimal", storage_path=d),
+        ).fit()
+    return json.loads(result.metrics["rates"])
+
+
+def pipeline_run(data_uri: str, workdir: str, epochs: int) -> dict:
+    """`pipeline train` exactly as a user runs it (a fresh process: its own Ray start)."""
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = f"sqlite:///{workdir}/mlflow.db"
+    overrides = [
+        f"data.uri={data_uri}",
+        f"train.epochs={epochs}",
+        f"run.storage_path={workdir}/runs",
+        f"tracking.tracking_uri={tracking_uri}",
+        "run.name=bench",
+        "registry.model_name=",
+        "tracking.log_model=false",
+    ]
+    cmd = [
+        str(Path(sys.executable).parent / "pipeline"),
+        "train",
+        "--config",
+        str(REPO / "jobs" / "configs" / "digits.yaml"),
+    ]
+    for o in overrides:
+        cmd += ["--set", o]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    summary_metrics = run.data.metrics
+    history = sorted(
+        client.get_metric_history(run.info.run_id, "images_per_s"), key=lambda m: m.step
+    )
+    steady = [m.value for m in history[2:]]  # epoch 0 fills the worker cache; 1 warms up
+    return {
+        "images_per_s": steady,
+        "time_to_first_step_s": summary_metrics.get("time_to_first_step_s"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--out", default=str(REPO / "jobs" / "bench" / "results" / "train_throughput.json")
+    )
+    args = parser.parse_args()
+
+    from pipeline.config import load_config
+    from pipeline.data.sources import WriteOptions, prepare_digits
+    from pipeline.train.trainer import init_ray
+
+    with tempfile.TemporaryDirectory() as workdir:
+        data_uri = f"{workdir}/digits"
+        prepare_digits(WriteOptions(out=data_uri))
+        x, y, manifest = in_memory_digits(data_uri)
+        cfg = load_config(REPO / "jobs" / "configs" / "digits.yaml")
+        batch, workers = cfg.train.batch_size, cfg.scaling.num_workers
+        threads = workers * int(cfg.scaling.cpus_per_worker)
+
+        pipeline = pipeline_run(data_uri, workdir, args.epochs)  # (a) first: it starts Ray
+        init_ray(cfg)
+        ray_rates = minimal_ray_loop(x, y, manifest, batch, workers, args.repeats)  # (b)
+        bare_rates = bare_loop(x, y, manifest, batch, threads, args.repeats)  # (c)
+
+    a = statistics.median(pipeline["images_per_s"])
+    b = statistics.median(ray_rates)
+    c = statistics.median(bare_rates)
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "torch": torch.__version__,
+        "model": MODEL,
+        "global_batch": batch,
+        "workers": workers,
+        "threads_total": threads,
+        "pipeline_images_per_s": pipeline["images_per_s"],
+        "minimal_ray_images_per_s": ray_rates,
+        "bare_images_per_s": bare_rates,
+        "median": {"pipeline": a, "minimal_ray": b, "bare": c},
+        "ratio_pipeline_over_minimal_ray": a / b,
+        "ratio_pipeline_over_bare": a / c,
+        "time_to_first_step_s": pipeline["time_to_first_step_s"],
+    }
+    print(f"{'loop':<14}{'median img/s':>14}  samples")
+    for name, rates in (
+        ("(a) pipeline", pipeline["images_per_s"]),
+        ("(b) ray", ray_rates),
+        ("(c) bare", bare_rates),
+    ):
+        print(f"{name:<14}{statistics.median(rates):>14,.0f}  {[round(r) for r in rates]}")
+    print(f"(a)/(b) = {a / b:.3f}  (target >= 0.95)")
+    print(f"(a)/(c) = {a / c:.3f}")
+    print(f"time to first step: {result['time_to_first_step_s']:.1f} s (target <= 20 s)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Training end to end on a real local Ray: accuracy, MLflow records, S3, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.data.sources import WriteOptions, prepare_digits
+from pipeline.train.trainer import TrainingError, run_training
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS_CONFIG = REPO / "jobs" / "configs" / "digits.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def digits_uri(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("data") / "digits"
+    prepare_digits(WriteOptions(out=str(out)))
+    return str(out)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def config(workdir: Path, data_uri: str, *overrides: str):
+    return load_config(
+        DIGITS_CONFIG,
+        [
+            f"data.uri={data_uri}",
+            f"run.storage_path={workdir / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+            *overrides,
+        ],
+    )
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_default_config_reaches_target_accuracy_and_records_everything(
+    ray_session, workdir, digits_uri
+):
+    """`make train`'s config: 2 CPU workers, 40 epochs, >= 99.5% digits test accuracy."""
+    cfg = config(workdir, digits_uri, "run.name=default")
+    summary = run_training(cfg)
+    assert summary.metrics["test_acc"] >= 0.995, summary.metrics
+    assert summary.model_version == "1" and summary.registered_name == "digits-resnet"
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(summary.run_id)
+    params = run.data.params
+    assert params["train.lr"] == "0.2" and params["scaling.num_workers"] == "2"
+    assert params["data.uri"] == digits_uri
+    assert metric_steps(client, summary.run_id, "val_acc") == list(range(40))
+    for key in ("train_loss", "train_acc", "val_loss", "val_top5", "images_per_s", "lr"):
+        assert len(metric_steps(client, summary.run_id, key)) == 40, key
+    assert run.data.metrics["best_val_acc"] >= 0.97
+    tags = run.data.tags
+    assert {"git_commit", "ray_version", "torch_version", "python_version"} <= tags.keys()
+    assert tags["pipeline.completed"] == "true"
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {
+        "config.yaml",
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "per_class_accuracy.csv",
+        "test_metrics.json",
+    } <= artifacts
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "digits"
+    local = client.download_artifacts(summary.run_id, "test_metrics.json", str(workdir))
+    assert json.loads(Path(local).read_text())["test_acc"] == pytest.approx(
+        run.data.metrics["test_acc"]
+    )
+    version = client.get_model_version("digits-resnet", "1")
+    assert version.tags["dataset_digest"] == tags["pipeline.dataset_digest"]
+    assert float(version.tags["test_acc"]) == pytest.approx(summary.metrics["test_acc"], abs=1e-6)
+
+    # `pipeline evaluate` recomputes the same test accuracy from the registered model.
+    from pipeline.evaluation import evaluate_model
+
+    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
+    try:
+        result = evaluate_model("models:/digits-resnet/1", digits_uri)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert result["acc"] == pytest.approx(summary.metrics["test_acc"], abs=1e-9)
+
+
+def test_worker_death_resumes_from_checkpoint_in_the_same_mlflow_run(
+    ray_session, workdir, digits_uri
+):
+    cfg = config(
+        workdir,
+        digits_uri,
+        "run.name=faulty",
+        "train.epochs=4",
+        "run.max_failures=1",
+        "run.fail_at_epoch=1",
+        "registry.model_name=",
+    )
+    summary = run_training(cfg)
+    marker = workdir / "runs" / "faulty" / ".injected-failure"
+    assert marker.exists(), "the worker process was killed"
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs([summary.experiment_id])
+    assert len(runs) == 1
+    for key in ("val_acc", "train_loss", "epoch_time_s"):
+        assert metric_steps(client, summary.run_id, key) == [0, 1, 2, 3], key
+    assert "test_acc" in summary.metrics
+
+
+def test_same_run_name_resumes_and_a_new_name_starts_fresh(ray_session, workdir, digits_uri):
+    failing = config(
+        workdir,
+        digits_uri,
+        "run.name=resumable",
+        "train.epochs=3",
+        "run.max_failures=0",
+        "run.fail_at_epoch=1",
+        "registry.model_name=",
+    )
+    with pytest.raises(TrainingError, match="resumable"):
+        run_training(failing)
+    client = MlflowClient(failing.tracking.tracking_uri)
+    (first,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert metric_steps(client, first.info.run_id, "val_acc") == [0]
+
+    again = run_training(failing)  # the marker stops a second failure: resumes at epoch 1
+    assert again.run_id == first.info.run_id
+    assert metric_steps(client, again.run_id, "val_acc") == [0, 1, 2]
+
+    fresh = run_training(
+        config(workdir, digits_uri, "run.name=other", "train.epochs=1", "registry.model_name=")
+    )
+    assert fresh.run_id != again.run_id
+    assert metric_steps(client, fresh.run_id, "val_acc") == [0]
+
+
+@pytest.mark.s3
+def test_shards_and_checkpoints_on_s3(ray_session, workdir, s3_server):
+    import boto3
+
+    bucket = s3_server.new_bucket()
+    data_uri = f"s3://{bucket}/datasets/digits"
+    prepare_digits(WriteOptions(out=data_uri))
+    cfg = config(
+        workdir,
+        data_uri,
+        "run.name=on-s3",
+        "train.epochs=3",
+        f"run.storage_path=s3://{bucket}/checkpoints",
+        "registry.model_name=",
+        "data.prepare=",
+    )
+    summary = run_training(cfg)
+    assert summary.metrics["test_acc"] > 0.3
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_server.endpoint)
+        .list_objects_v2(Bucket=bucket, Prefix="checkpoints/on-s3/")
+        .get("Contents", [])
+    ]
+    assert any(k.endswith("epoch-0003/checkpoint.pt") for k in keys), keys
+    assert not any("epoch-0001/" in k for k in keys), "num_to_keep=2 prunes old checkpoints"
