@@ -112,7 +112,7 @@ def ray_dataset(
     import ray.data
 
     fs, paths = shard_paths(uri, manifest, split, storage)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label"])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image", "label"])
     if decode_only:
         fn = DecodeImages(manifest.image)
     else:
