@@ -30,5 +30,15 @@ format: $(STAMP)
 	$(BIN)/ruff format pipeline jobs tests
 	$(BIN)/ruff check --fix pipeline jobs tests
 
+# A tracking server for every command (MLFLOW_TRACKING_URI=http://127.0.0.1:5000). Override e.g.
+# make mlflow MLFLOW_BACKEND=postgresql://mlflow@db/mlflow MLFLOW_ARTIFACTS=s3://bucket/mlflow
+MLFLOW_BACKEND ?= sqlite:///mlflow.db
+MLFLOW_ARTIFACTS ?= ./mlartifacts
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+mlflow: $(STAMP)
+	$(BIN)/pipeline server mlflow --backend-store-uri '$(MLFLOW_BACKEND)' \
+		--artifacts-destination '$(MLFLOW_ARTIFACTS)' --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
 clean-venv:
 	rm -rf $(VENV)

@@ -343,6 +343,326 @@ def evaluate(
     out.print(table)
 
 
+# ---------------------------------------------------------------------------------------------
+# Registry and serving: pipeline promote / rollback / best / models registered / pull / serve,
+# and pipeline server mlflow. Every command reaches MLflow at --tracking-uri, else the config's
+# tracking.tracking_uri, else MLFLOW_TRACKING_URI, else ./mlflow.db, so the same commands work
+# against the embedded SQLite file and a tracking server.
+
+server_app = typer.Typer(no_args_is_help=True, help="Start MLflow's tracking server.")
+app.add_typer(server_app, name="server")
+
+TrackingUriOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI; default tracking.tracking_uri, MLFLOW_TRACKING_URI, "
+        "sqlite:///mlflow.db.",
+    ),
+]
+NameArg = Annotated[str, typer.Argument(help="Registered model name, e.g. digits-resnet.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _quiet_downloads() -> None:
+    """No MLflow download progress bars in logs (nightly jobs, CI); keep them on a terminal."""
+    import os
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _registry_setup(config: Path | None, overrides: list[str] | None, tracking_uri: str | None):
+    """(config, MlflowClient): the config with --tracking-uri applied, and a checked client."""
+    from pipeline.config import load_config
+    from pipeline.registry import connect
+
+    _quiet_downloads()
+    cfg = load_config(config, overrides or [])
+    if tracking_uri:
+        cfg.tracking.tracking_uri = tracking_uri
+    return cfg, connect(cfg.tracking.resolved_uri(), cfg.tracking.timeout_s)
+
+
+@app.command("promote")
+@friendly_errors
+def promote_command(
+    name: NameArg,
+    candidate: Annotated[
+        str | None, typer.Option(help="Version number or alias; default: the newest version.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Held-out dataset; default: the candidate's training data."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split both models are evaluated on.")] = "test",
+    min_improvement: Annotated[
+        float | None,
+        typer.Option(min=0, help="Accuracy margin over the champion; default registry's."),
+    ] = None,
+    class_floor: Annotated[
+        float | None,
+        typer.Option(min=0, max=1, help="Lowest accuracy any class may have; default registry's."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide, change nothing.")] = False,
+    lock_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for another promotion.")
+    ] = 600.0,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move `champion` to a version that beats it on the same held-out data, evaluated now."""
+    from pipeline.registry import LockSettings, promote
+
+    cfg, client = _registry_setup(config, overrides, tracking_uri)
+    decision = promote(
+        client,
+        name,
+        candidate=candidate,
+        data_uri=data,
+        split=split,
+        min_improvement=(
+            cfg.registry.min_improvement if min_improvement is None else min_improvement
+        ),
+        class_floor=cfg.registry.class_floor if class_floor is None else class_floor,
+        dry_run=dry_run,
+        storage=cfg.storage.resolved(),
+        lock=LockSettings(timeout_s=lock_timeout),
+    )
+    if as_json:
+        out.print(json.dumps(decision.to_dict(), indent=2), highlight=False, soft_wrap=True)
+        return
+    cand, champ = decision.candidate, decision.champion
+    colour = "green" if decision.promote else "yellow"
+    out.print(f"[bold {colour}]{decision.outcome}[/]: {name} version {cand.version}")
+    out.print(f"  {decision.reason}", markup=False, highlight=False, soft_wrap=True)
+    table = Table("", f"candidate v{cand.version}", f"champion v{champ.version}" if champ else "")
+    table.add_row("accuracy", f"{cand.acc:.4f}", f"{champ.acc:.4f}" if champ else "-")
+    table.add_row("loss", f"{cand.loss:.4f}", f"{champ.loss:.4f}" if champ else "-")
+    worst = min(cand.per_class, key=cand.per_class.get)
+    table.add_row(f"worst class ({worst})", f"{cand.per_class[worst]:.4f}", "")
+    out.print(table)
+    out.print(
+        f"  evaluated on {decision.data_uri} [{split}], {cand.count} images",
+        markup=False,
+        highlight=False,
+    )
+
+
+@app.command("rollback")
+@friendly_errors
+def rollback_command(
+    name: NameArg,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Move `champion` back to `previous-champion`."""
+    from pipeline.registry import ROLLED_BACK_TAG, rollback
+
+    _, client = _registry_setup(config, overrides, tracking_uri)
+    old, new = rollback(client, name)
+    out.print(
+        f"rolled back {name}: champion v{old or '-'} -> v{new}"
+        + (f" (v{old} tagged {ROLLED_BACK_TAG})" if old and old != new else "")
+    )
+
+
+@app.command("best")
+@friendly_errors
+def best_command(
+    experiment: Annotated[
+        str | None, typer.Option(help="Experiment; default tracking.experiment.")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="Metric to rank by.")] = "best_val_acc",
+    filter_string: Annotated[
+        str, typer.Option("--filter", help="MLflow filter, e.g. \"params.model.name = 'x'\".")
+    ] = "",
+    top: Annotated[int, typer.Option(min=1, help="How many runs.")] = 5,
+    ascending: Annotated[
+        bool | None,
+        typer.Option("--ascending/--descending", help="Default: ascending for *loss* metrics."),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The best runs by a metric, with their registered versions and aliases."""
+    from rich.markup import escape
+
+    from pipeline.registry import best_runs
+
+    cfg, client = _registry_setup(config, overrides, tracking_uri)
+    rows = best_runs(
+        client, experiment or cfg.tracking.experiment, metric, filter_string, top, ascending
+    )
+    if as_json:
+        out.print(json.dumps(rows, indent=2), highlight=False, soft_wrap=True)
+        return
+    table = Table("#", metric, "run", "model", "test_acc", "registered", title="best runs")
+    for i, row in enumerate(rows, 1):
+        versions = ", ".join(
+            f"{v['name']}/{v['version']}"
+            + (f" ({', '.join(v['aliases'])})" if v["aliases"] else "")
+            for v in row["versions"]
+        )
+        test_acc = row["metrics"].get("test_acc")
+        table.add_row(
+            str(i),
+            f"{row['value']:.4f}",
+            escape(f"{row['run_name']} {row['run_id'][:8]}"),
+            escape(row["model"]),
+            f"{test_acc:.4f}" if test_acc is not None else "-",
+            escape(versions) or "-",
+        )
+    out.print(table)
+
+
+@models_app.command("registered")
+@friendly_errors
+def models_registered(
+    name: NameArg,
+    limit: Annotated[int, typer.Option(min=1, help="Newest versions shown.")] = 50,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A registered model's versions with aliases, metrics and tags."""
+    from rich.markup import escape
+
+    from pipeline.registry import registered_model, registered_versions
+
+    _, client = _registry_setup(config, overrides, tracking_uri)
+    registered_model(client, name)  # a clear error for an unknown name
+    rows = registered_versions(client, name, limit)
+    if as_json:
+        out.print(json.dumps(rows, indent=2), highlight=False, soft_wrap=True)
+        return
+    table = Table("version", "aliases", "test_acc", "best_val_acc", "created", "tags", title=name)
+    for row in rows:
+        m = row["metrics"]
+        shown = {k: v for k, v in row["tags"].items() if not k.startswith("promotion.")}
+        table.add_row(
+            row["version"],
+            ", ".join(row["aliases"]) or "-",
+            f"{m['test_acc']:.4f}" if "test_acc" in m else "-",
+            f"{m['best_val_acc']:.4f}" if "best_val_acc" in m else "-",
+            row["created"],
+            escape(" ".join(f"{k}={v[:12]}" for k, v in sorted(shown.items()))),
+        )
+    out.print(table)
+
+
+@app.command("pull")
+@friendly_errors
+def pull_command(
+    uri: Annotated[
+        str, typer.Argument(help="models:/NAME@alias, models:/NAME/N or runs:/ID/model.")
+    ],
+    dest: Annotated[Path, typer.Option("--dest", help="Directory to create.")],
+    fmt: Annotated[str, typer.Option("--format", help="torchscript, onnx, state_dict or mlflow.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --dest.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a model, export it, check the export against the original, write it + hashes."""
+    from pipeline.config import load_config
+    from pipeline.serving import PULL_META, pull
+
+    _quiet_downloads()
+    cfg = load_config(config, overrides or [])
+    record = pull(
+        uri,
+        dest,
+        fmt,
+        tracking_uri=tracking_uri or cfg.tracking.resolved_uri(),
+        timeout_s=cfg.tracking.timeout_s,
+        overwrite=overwrite,
+    )
+    if as_json:
+        out.print(json.dumps(record, indent=2), highlight=False, soft_wrap=True)
+        return
+    source = record["source"]
+    version = f" (version {source['version']})" if source.get("version") else ""
+    out.print(f"pulled {uri}{version} as {fmt} into {dest}", highlight=False)
+    for rel, sha in record["files"].items():
+        out.print(f"  {rel}  sha256 {sha[:16]}", highlight=False)
+    check = record["check"]
+    out.print(
+        f"  checked on {check['samples']} sample inputs: max |diff| {check['max_abs_diff']:.2g} "
+        f"<= {check['tolerance']:g}; metadata in {dest / PULL_META}",
+        highlight=False,
+    )
+
+
+@app.command("serve")
+@friendly_errors
+def serve_command(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/N or runs:/ID/...")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5001,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Serve a model's image predictor with MLflow's scoring server (POST /invocations)."""
+    import os
+
+    from pipeline.config import load_config
+    from pipeline.serving import predictor_uri, scoring_server_command, scoring_server_env
+
+    cfg = load_config(config, overrides or [])
+    tracking = tracking_uri or cfg.tracking.resolved_uri()
+    model = predictor_uri(uri, tracking_uri=tracking, timeout_s=cfg.tracking.timeout_s)
+    cmd = scoring_server_command(model, host, port, workers)
+    err.print(f"serving {uri} ({model}) on http://{host}:{port}/invocations", highlight=False)
+    os.execve(cmd[0], cmd, scoring_server_env(tracking))
+
+
+@server_app.command("mlflow")
+@friendly_errors
+def server_mlflow(
+    backend_store_uri: Annotated[
+        str, typer.Option(help="sqlite:///FILE or postgresql://USER@HOST/DB.")
+    ] = "sqlite:///mlflow.db",
+    artifacts_destination: Annotated[
+        str, typer.Option(help="Local directory or s3://bucket/prefix (proxied by the server).")
+    ] = "./mlartifacts",
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 needs --allowed-hosts.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+    allowed_hosts: Annotated[
+        str | None, typer.Option(help="Host headers accepted, e.g. mlflow.example.com:5000.")
+    ] = None,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Run MLflow's tracking server (blocks; Ctrl-C stops it)."""
+    import os
+
+    from pipeline.serving import tracking_server_command
+
+    cmd = tracking_server_command(
+        backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts
+    )
+    if endpoint_url:  # MinIO or another S3-compatible store for the artifacts
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = endpoint_url
+    err.print(
+        f"MLflow tracking server on http://{host}:{port} (backend {backend_store_uri}, "
+        f"artifacts {artifacts_destination}); clients: MLFLOW_TRACKING_URI=http://{host}:{port}",
+        highlight=False,
+    )
+    os.execv(cmd[0], cmd)
+
+
 def main() -> None:  # pragma: no cover - console script entry point
     app()
 

@@ -6,6 +6,11 @@ safe and self-describing to load anywhere:
   weights.pt           the state dict, loaded with `torch.load(weights_only=True)` (no pickle code)
   pipeline_model.json  model config, classes, image spec, normalisation, dataset digest
 so a service rebuilds the network from the zoo and applies exactly the training preprocessing.
+
+Beside `model/`, the run gets `predictor/`: a pyfunc over raw images (base64 PNG/JPEG in a column
+`image`; see `pipeline.serving.PyfuncPredictor`) that `mlflow models serve` runs. It is logged as
+"models from code" (a three-line script, no pickled Python object) and rebuilds the network from
+the same two files.
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ from pipeline.models.zoo import build_model
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "pipeline_model.json"
 ARTIFACT_NAME = "model"
+PREDICTOR_NAME = "predictor"
+# The predictor's models-from-code entry point. Loaded (by MLflow, at log and serve time) only in
+# processes that have the pipeline installed; importing it here would turn the layers upside down.
+PREDICTOR_CODE = """\
+\"\"\"MLflow models-from-code entry point: the pipeline's image predictor (pipeline.serving).\"\"\"
+import mlflow
+
+from pipeline.serving import PyfuncPredictor
+
+mlflow.models.set_model(PyfuncPredictor())
+"""
 
 
 def package_metadata(cfg: PipelineConfig, manifest: Manifest) -> dict[str, Any]:
@@ -63,10 +79,12 @@ def log_pipeline_model(model: nn.Module, cfg: PipelineConfig, manifest: Manifest
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
     with tempfile.TemporaryDirectory() as d:
-        torch.save(model.state_dict(), Path(d) / WEIGHTS_FILE)
-        (Path(d) / META_FILE).write_text(json.dumps(meta, indent=2))
-        extra = [str(Path(d) / WEIGHTS_FILE), str(Path(d) / META_FILE)]
-        return mlflow.pytorch.log_model(
+        files = Path(d) / ARTIFACT_NAME
+        files.mkdir()
+        torch.save(model.state_dict(), files / WEIGHTS_FILE)
+        (files / META_FILE).write_text(json.dumps(meta, indent=2))
+        extra = [str(files / WEIGHTS_FILE), str(files / META_FILE)]
+        info = mlflow.pytorch.log_model(
             model,
             name=ARTIFACT_NAME,
             signature=signature,
@@ -75,6 +93,54 @@ def log_pipeline_model(model: nn.Module, cfg: PipelineConfig, manifest: Manifest
             serialization_format="pickle" if not _exports(model, example) else "pt2",
             pip_requirements=_requirements(),
         )
+        log_predictor(files, meta)
+        return info
+
+
+def log_predictor(files: Path, meta: dict[str, Any]):
+    """Log `predictor/`, the pyfunc over raw images, from a directory holding weights.pt and
+    pipeline_model.json; returns MLflow's ModelInfo."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "image")]),  # base64 PNG/JPEG bytes
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.long, "index"),
+                ColSpec(DataType.double, "confidence"),
+                ColSpec(Array(DataType.double), "probabilities"),  # in `classes` order
+            ]
+        ),
+    )
+    code = files.parent / "predictor_code.py"
+    code.write_text(PREDICTOR_CODE)
+    return mlflow.pyfunc.log_model(
+        name=PREDICTOR_NAME,
+        python_model=str(code),
+        artifacts={"model": str(files)},
+        signature=signature,
+        input_example=pd.DataFrame({"image": [blank_image_base64(meta)]}),
+        pip_requirements=_requirements(),
+    )
+
+
+def blank_image_base64(meta: dict[str, Any]) -> str:
+    """A black PNG of the model's image size, base64-encoded: the predictor's input example."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = ImageSpec.model_validate(meta["image"])
+    mode = "L" if image.channels == 1 else "RGB"
+    buf = io.BytesIO()
+    Image.new(mode, (image.width, image.height)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _exports(model: nn.Module, example: np.ndarray) -> bool:

@@ -124,3 +124,67 @@ def ray_session(s3_server):
     init_ray(load_config(None, ["scaling.num_cpus=3"]))
     yield
     ray.shutdown()
+
+
+@dataclass
+class MlflowServer:
+    uri: str  # http://127.0.0.1:<port>
+    root: Path  # holds mlflow.db and artifacts/
+    log: Path
+
+
+def wait_for_health(uri: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}: {log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{uri}/health did not answer within {timeout}s; see {log}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """A real tracking server, started as a user does (`pipeline server mlflow`): SQLite backend
+    and proxied artifacts in a tmp dir, a free port on 127.0.0.1; stopped at the end."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [
+        str(BIN / "pipeline"),
+        "server",
+        "mlflow",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        server = MlflowServer(f"http://127.0.0.1:{port}", root, log)
+        wait_for_health(server.uri, proc, log)
+        yield server
+    finally:
+        # uvicorn drains keep-alive connections for a long while on SIGTERM; 3 s is plenty for
+        # SQLite to finish a write.
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

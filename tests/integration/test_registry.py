@@ -1,0 +1,504 @@
+"""Registration, promotion, rollback and queries against a real `mlflow server` subprocess.
+
+Versions come from small models trained in-process for a few steps (no Ray), logged exactly as a
+training run logs them, so their quality differs by a wide, known margin: weak (untrained, ~10%),
+medium (6 steps, ~50%), strong (20 steps, ~90%) on the digits test split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import PipelineConfig, load_config
+from pipeline.data.ingest import iter_split
+from pipeline.data.shards import Manifest
+from pipeline.data.sources import WriteOptions, prepare_digits
+from pipeline.evaluation import evaluate_model
+from pipeline.model_package import log_pipeline_model
+from pipeline.registry import (
+    CHAMPION,
+    LOCK_TAG,
+    PREVIOUS_CHAMPION,
+    ROLLED_BACK_TAG,
+    LockSettings,
+    PromotionLock,
+    RegistryError,
+    best_runs,
+    connect,
+    promote,
+    register_run_model,
+    registered_versions,
+    rollback,
+)
+from pipeline.tracking import log_params_flat, standard_tags
+from pipeline.train.loop import model_for
+
+pytestmark = pytest.mark.slow
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+FAST_LOCK = LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=60)
+EXPERIMENT = f"registry-tests-{uuid.uuid4().hex[:6]}"  # the session's server is shared
+STEPS = {"weak": 0, "medium": 6, "strong": 20}
+
+
+# --- helpers shared with test_serving -----------------------------------------------------------
+
+
+def digits_config(
+    data_uri: str, tracking_uri: str, model_name: str = "digits-resnet", experiment: str = "digits"
+) -> PipelineConfig:
+    return load_config(
+        None,
+        [
+            f"data.uri={data_uri}",
+            f"tracking.tracking_uri={tracking_uri}",
+            f"tracking.experiment={experiment}",
+            f"registry.model_name={model_name}",
+        ],
+    )
+
+
+def train_digits(cfg: PipelineConfig, manifest: Manifest, steps: int) -> torch.nn.Module:
+    """cifar_resnet20 after `steps` SGD steps of 64 images (deterministic for a seed)."""
+    torch.manual_seed(0)
+    model = model_for(cfg, manifest)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    done = 0
+    while done < steps:
+        for x, y in iter_split(cfg.data.uri, manifest, "train", batch_size=64):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    return model.eval()
+
+
+def log_run(
+    cfg: PipelineConfig, manifest: Manifest, model: torch.nn.Module, run_name: str, **metrics
+) -> str:
+    """An MLflow run shaped like a training run's (tags, params, metrics, model); its id."""
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    tags = {
+        **standard_tags(),
+        "pipeline.run_name": run_name,
+        "pipeline.dataset_digest": manifest.digest,
+        "pipeline.config_digest": cfg.digest(),
+    }
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        log_params_flat(cfg.to_dict())
+        mlflow.log_metrics(metrics)
+        log_pipeline_model(model, cfg, manifest)
+        mlflow.set_tag("pipeline.completed", "true")
+    return run.info.run_id
+
+
+def register(cfg: PipelineConfig, run_id: str, name: str) -> str:
+    """Register the run's model/ as a new version of `name`, as training does."""
+    named = cfg.model_copy(
+        update={"registry": cfg.registry.model_copy(update={"model_name": name})}
+    )
+    return register_run_model(named, run_id).version
+
+
+def fresh_name() -> str:
+    return f"digits-{uuid.uuid4().hex[:8]}"
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(mlflow_server, tmp_path_factory):
+    """MLflow pointed at the test server for this module (in-process and subprocesses)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        previous = mlflow.get_tracking_uri()
+        yield mlflow_server
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[str, Manifest]:
+    out = tmp_path_factory.mktemp("data") / "digits"
+    return str(out), prepare_digits(WriteOptions(out=str(out)))
+
+
+@pytest.fixture(scope="module")
+def runs(env, digits) -> dict[str, str]:
+    """weak / medium / strong run ids. The weak run logs a flattering test_acc of 0.99: promotion
+    must recompute scores, never trust logged numbers."""
+    uri, manifest = digits
+    cfg = digits_config(uri, env.uri, experiment=EXPERIMENT)
+    out = {}
+    for quality, steps in STEPS.items():
+        model = train_digits(cfg, manifest, steps)
+        logged = 0.99 if quality == "weak" else _accuracy(model, cfg, manifest)
+        out[quality] = log_run(cfg, manifest, model, quality, test_acc=logged, best_val_acc=logged)
+    return out
+
+
+def _accuracy(model, cfg, manifest) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in iter_split(cfg.data.uri, manifest, "test"):
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+@pytest.fixture
+def client(env):
+    return connect(env.uri)
+
+
+@pytest.fixture
+def cfg(env, digits) -> PipelineConfig:
+    return digits_config(digits[0], env.uri, experiment=EXPERIMENT)
+
+
+def registered(cfg, runs, *qualities: str) -> tuple[str, dict[str, str]]:
+    """A fresh registered model with versions 1, 2, ... from the given runs, in order."""
+    name = fresh_name()
+    return name, {q: register(cfg, runs[q], name) for q in qualities}
+
+
+def aliases(client, name: str) -> dict[str, str]:
+    return dict(client.get_registered_model(name).aliases)
+
+
+# --- registration -------------------------------------------------------------------------------
+
+
+def test_every_version_is_tagged_with_data_code_config_and_metrics(client, cfg, runs, digits):
+    name, versions = registered(cfg, runs, "strong")
+    version = client.get_model_version(name, versions["strong"])
+    tags = version.tags
+    assert tags["dataset_digest"] == digits[1].digest
+    assert len(tags["git_commit"]) == 40
+    assert tags["config_digest"] == cfg.digest()
+    assert float(tags["test_acc"]) > 0.8 and tags["model"] == "cifar_resnet20"
+    assert version.run_id == runs["strong"]
+
+
+# --- promotion ----------------------------------------------------------------------------------
+
+
+def test_first_version_becomes_champion(client, cfg, runs):
+    name, v = registered(cfg, runs, "weak")
+    decision = promote(client, name, lock=FAST_LOCK)
+    assert decision.promote and decision.acted and decision.champion is None
+    assert aliases(client, name) == {CHAMPION: v["weak"]}
+
+
+def test_better_candidate_is_promoted_on_scores_recomputed_now(client, cfg, runs, digits):
+    name, v = registered(cfg, runs, "weak", "strong")
+    promote(client, name, candidate=v["weak"], lock=FAST_LOCK)
+    decision = promote(client, name, lock=FAST_LOCK)  # default candidate: the newest version
+
+    assert decision.promote and decision.candidate.version == v["strong"]
+    assert aliases(client, name) == {CHAMPION: v["strong"], PREVIOUS_CHAMPION: v["weak"]}
+    # Recomputed, not read from the run: the weak run logged test_acc 0.99.
+    weak_now = evaluate_model(f"models:/{name}/{v['weak']}", digits[0])["acc"]
+    assert decision.champion.acc == pytest.approx(weak_now) and weak_now < 0.3
+    assert decision.candidate.acc > 0.8 and decision.data_uri == digits[0]
+
+    tags = client.get_model_version(name, v["strong"]).tags
+    assert tags["promotion.decision"] == "promoted"
+    assert tags["promotion.champion_version"] == v["weak"]
+    assert float(tags["promotion.candidate_acc"]) == pytest.approx(decision.candidate.acc, abs=1e-6)
+    assert float(tags["promotion.champion_acc"]) == pytest.approx(weak_now, abs=1e-6)
+    comparison = _comparison(client, runs["strong"], v["strong"])
+    assert comparison["outcome"] == "promoted" and comparison["reason"] == decision.reason
+    assert comparison["champion"]["per_class"].keys() == comparison["candidate"]["per_class"].keys()
+
+
+def _comparison(client, run_id: str, version: str) -> dict:
+    """The newest promotion comparison (JSON) logged to the run for `version`."""
+    files = sorted(
+        a.path
+        for a in client.list_artifacts(run_id, "promotion")
+        if a.path.endswith(f"-v{version}.json")
+    )
+    assert files, "no comparison artifact"
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=files[-1])
+    return json.loads(Path(local).read_text())
+
+
+def test_worse_candidate_is_refused_and_aliases_are_untouched(client, cfg, runs):
+    name, v = registered(cfg, runs, "medium", "strong", "weak")
+    promote(client, name, candidate=v["medium"], lock=FAST_LOCK)
+    promote(client, name, candidate=v["strong"], lock=FAST_LOCK)
+    before = aliases(client, name)
+
+    decision = promote(client, name, candidate=v["weak"], lock=FAST_LOCK)
+    assert not decision.promote and not decision.acted
+    assert "not better than the champion" in decision.reason
+    assert (
+        aliases(client, name)
+        == before
+        == {
+            CHAMPION: v["strong"],
+            PREVIOUS_CHAMPION: v["medium"],
+        }
+    )
+    tags = client.get_model_version(name, v["weak"]).tags
+    assert tags["promotion.decision"] == "refused" and tags["promotion.reason"] == decision.reason
+    assert LOCK_TAG not in client.get_registered_model(name).tags  # the lease was released
+
+
+def test_margin_and_class_floor_can_refuse_a_better_candidate(client, cfg, runs):
+    name, v = registered(cfg, runs, "medium", "strong")
+    promote(client, name, candidate=v["medium"], lock=FAST_LOCK)
+
+    margin = promote(client, name, min_improvement=0.9, lock=FAST_LOCK)
+    assert not margin.promote and "less than the margin 0.9" in margin.reason
+    floor = promote(client, name, class_floor=0.999, lock=FAST_LOCK)
+    assert not floor.promote and "below the floor 0.999" in floor.reason
+    assert aliases(client, name) == {CHAMPION: v["medium"]}
+
+    ok = promote(client, name, min_improvement=0.1, class_floor=0.3, lock=FAST_LOCK)
+    assert ok.promote and aliases(client, name)[CHAMPION] == v["strong"]
+
+
+def test_dry_run_decides_without_acting(client, cfg, runs):
+    name, v = registered(cfg, runs, "weak", "strong")
+    promote(client, name, candidate=v["weak"], lock=FAST_LOCK)
+    decision = promote(client, name, dry_run=True)
+    assert decision.promote and decision.outcome == "would promote" and not decision.acted
+    assert aliases(client, name) == {CHAMPION: v["weak"]}
+    assert "promotion.decision" not in client.get_model_version(name, v["strong"]).tags
+
+
+def test_rollback_returns_to_previous_champion_and_keeps_it_out(client, cfg, runs):
+    name, v = registered(cfg, runs, "medium", "strong")
+    promote(client, name, candidate=v["medium"], lock=FAST_LOCK)
+    promote(client, name, candidate=v["strong"], lock=FAST_LOCK)
+
+    assert rollback(client, name, FAST_LOCK) == (v["strong"], v["medium"])
+    assert aliases(client, name) == {CHAMPION: v["medium"]}
+    assert ROLLED_BACK_TAG in client.get_model_version(name, v["strong"]).tags
+    # A nightly promote of the newest version must not put the rolled-back one straight back.
+    with pytest.raises(RegistryError, match="was rolled back"):
+        promote(client, name, lock=FAST_LOCK)
+    with pytest.raises(RegistryError, match="no 'previous-champion' alias"):
+        rollback(client, name, FAST_LOCK)
+    assert aliases(client, name) == {CHAMPION: v["medium"]}
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+
+def test_two_concurrent_promotions_end_on_the_better_model(env, client, cfg, runs):
+    """Two nightly jobs at once, as separate processes: the champion ends on the better model.
+
+    Each process waits between its decision and its alias write (the worse one longer), so
+    unserialised both decide against the weak champion and the worse one writes last.
+    """
+    name, v = registered(cfg, runs, "weak", "medium", "strong")
+    promote(client, name, candidate=v["weak"], lock=FAST_LOCK)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_promote_in_child, args=(env.uri, name, v[q], delay, barrier, results))
+        for q, delay in (("medium", 3.0), ("strong", 0.5))
+    ]
+    for p in procs:
+        p.start()
+    decisions = {d["candidate"]["version"]: d for d in (results.get(timeout=240) for _ in procs)}
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    medium, strong = decisions[v["medium"]], decisions[v["strong"]]
+
+    assert aliases(client, name)[CHAMPION] == v["strong"]
+    assert strong["acted"]
+    # Serialised: whoever went second compared against what the first had just made champion.
+    if medium["acted"]:
+        assert strong["champion"]["version"] == v["medium"]
+    else:
+        assert medium["champion"]["version"] == v["strong"]
+
+
+def _promote_in_child(uri, name, version, delay_s, barrier, results) -> None:
+    import pipeline.registry as registry
+
+    move = registry._move_champion
+
+    def slow_move(*args, **kwargs):
+        time.sleep(delay_s)
+        return move(*args, **kwargs)
+
+    registry._move_champion = slow_move
+    client = connect(uri)
+    barrier.wait(120)
+    results.put(promote(client, name, candidate=version, lock=FAST_LOCK).to_dict())
+
+
+def _hold_lock(uri: str, name: str, log: str, hold_s: float) -> None:
+    client = connect(uri)
+    with PromotionLock(client, name, LockSettings(settle_s=0.3, poll_s=0.05, timeout_s=60)):
+        start = time.time()
+        time.sleep(hold_s)
+        with open(log, "a") as f:
+            f.write(f"{start} {time.time()}\n")
+
+
+def test_promotion_lock_is_mutually_exclusive_across_processes(env, cfg, runs, tmp_path):
+    name, _ = registered(cfg, runs, "weak")
+    log = tmp_path / "intervals.txt"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hold_lock, args=(env.uri, name, str(log), 1.0)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    intervals = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
+    assert len(intervals) == 3
+    for (_, end), (start, _) in itertools.pairwise(intervals):
+        assert start >= end, f"two holders at once: {intervals}"
+
+
+def test_a_stale_lease_is_taken_over_and_a_live_one_times_out(client, cfg, runs):
+    name, _ = registered(cfg, runs, "weak")
+    dead = {"token": "dead", "host": "gone", "pid": 1, "expires": time.time() - 1}
+    client.set_registered_model_tag(name, LOCK_TAG, json.dumps(dead))
+    with PromotionLock(client, name, FAST_LOCK):
+        live = json.loads(client.get_registered_model(name).tags[LOCK_TAG])
+        assert live["token"] != "dead"
+        impatient = LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=1.0)
+        with (
+            pytest.raises(RegistryError, match="holds the lock"),
+            PromotionLock(client, name, impatient),
+        ):
+            pass
+    assert LOCK_TAG not in client.get_registered_model(name).tags
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+
+def test_best_lists_runs_by_metric_with_their_versions(client, cfg, runs):
+    name, v = registered(cfg, runs, "medium", "strong")
+    promote(client, name, candidate=v["strong"], lock=FAST_LOCK)
+    rows = best_runs(client, cfg.tracking.experiment, "best_val_acc", top=2)
+    assert [r["run_id"] for r in rows] == [runs["weak"], runs["strong"]]  # weak logged 0.99
+    strong = next(r for r in rows if r["run_id"] == runs["strong"])
+    assert {"name": name, "version": v["strong"], "aliases": [CHAMPION]} in strong["versions"]
+
+    filtered = best_runs(
+        client, cfg.tracking.experiment, filter_string="params.`model.name` = 'cifar_resnet20'"
+    )
+    assert len(filtered) == 3
+    assert (
+        best_runs(client, cfg.tracking.experiment, filter_string="params.`model.name` = 'x'") == []
+    )
+    lowest = best_runs(client, cfg.tracking.experiment, "test_acc", top=1, ascending=True)
+    assert lowest[0]["run_id"] == runs["medium"]
+
+
+def test_registered_versions_show_aliases_metrics_and_tags(client, cfg, runs):
+    name, v = registered(cfg, runs, "medium", "strong")
+    promote(client, name, candidate=v["medium"], lock=FAST_LOCK)
+    promote(client, name, candidate=v["strong"], lock=FAST_LOCK)
+    rows = registered_versions(client, name)
+    assert [r["version"] for r in rows] == [v["strong"], v["medium"]]
+    assert rows[0]["aliases"] == [CHAMPION] and rows[1]["aliases"] == [PREVIOUS_CHAMPION]
+    assert rows[0]["metrics"]["test_acc"] > 0.8
+    assert rows[0]["tags"]["promotion.decision"] == "promoted"
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result
+
+
+def test_cli_promote_rollback_best_and_registered(env, cfg, runs):
+    name, v = registered(cfg, runs, "weak", "strong")
+    assert cli("promote", name, "--candidate", v["weak"]).exit_code == 0
+
+    dry = cli("promote", name, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout)["outcome"] == "would promote"
+
+    done = cli("promote", name, "--min-improvement", "0.2")
+    assert done.exit_code == 0 and "promoted" in done.stdout and f"v{v['weak']}" in done.stdout
+
+    shown = cli("models", "registered", name, "--json")
+    assert [r["aliases"] for r in json.loads(shown.stdout)] == [[CHAMPION], [PREVIOUS_CHAMPION]]
+
+    best = cli("best", "--experiment", cfg.tracking.experiment, "--top", "1", "--json")
+    assert [r["run_id"] for r in json.loads(best.stdout)] == [runs["weak"]]
+
+    back = cli("rollback", name)
+    assert back.exit_code == 0 and f"champion v{v['strong']} -> v{v['weak']}" in back.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["promote", "no-such-model"], "no registered model 'no-such-model'"),
+        (["promote", "{name}", "--candidate", "99"], "no version or alias '99'"),
+        (["promote", "{name}", "--data", "/no/such/data"], "/no/such/data"),
+        (["rollback", "{name}"], "no 'previous-champion' alias"),
+        (["models", "registered", "no-such-model"], "no registered model 'no-such-model'"),
+        (["best", "--experiment", "no-such-exp"], "no experiment 'no-such-exp'"),
+        (["best", "--experiment", EXPERIMENT, "--filter", "params.x == = 'y'"], "filter"),
+    ],
+    ids=[
+        "unknown-model",
+        "unknown-version",
+        "missing-data",
+        "no-previous",
+        "registered",
+        "exp",
+        "filter",
+    ],
+)
+def test_cli_user_errors_are_one_clear_line_and_change_nothing(env, cfg, runs, args, expected):
+    name, v = registered(cfg, runs, "weak")
+    promote(connect(env.uri), name, lock=FAST_LOCK)
+    result = cli(*[a.format(name=name) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr and expected in result.stderr.replace("\n", " ")
+    assert aliases(MlflowClient(env.uri), name) == {CHAMPION: v["weak"]}
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(env):
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = subprocess.run(
+        [PIPELINE, "promote", "any", "--tracking-uri", dead, "--set", "tracking.timeout_s=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    assert result.returncode == 2 and dead in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
