@@ -156,6 +156,8 @@ def pipeline_run(data_uri: str, workdir: str, epochs: int) -> dict:
     return {
         "images_per_s": steady,
         "time_to_first_step_s": summary_metrics.get("time_to_first_step_s"),
+        "startup_preflight_s": summary_metrics.get("startup_preflight_s"),
+        "startup_ray_ready_s": summary_metrics.get("startup_ray_ready_s"),
     }
 
 
@@ -202,6 +204,8 @@ def main() -> None:
         "ratio_pipeline_over_minimal_ray": a / b,
         "ratio_pipeline_over_bare": a / c,
         "time_to_first_step_s": pipeline["time_to_first_step_s"],
+        "startup_preflight_s": pipeline["startup_preflight_s"],
+        "startup_ray_ready_s": pipeline["startup_ray_ready_s"],
     }
     print(f"{'loop':<14}{'median img/s':>14}  samples")
     for name, rates in (
@@ -212,7 +216,11 @@ def main() -> None:
         print(f"{name:<14}{statistics.median(rates):>14,.0f}  {[round(r) for r in rates]}")
     print(f"(a)/(b) = {a / b:.3f}  (target >= 0.95)")
     print(f"(a)/(c) = {a / c:.3f}")
-    print(f"time to first step: {result['time_to_first_step_s']:.1f} s (target <= 20 s)")
+    print(
+        f"time to first step: {result['time_to_first_step_s']:.1f} s (target <= 20 s); of which "
+        f"checks done at {result['startup_preflight_s']:.1f} s, Ray up at "
+        f"{result['startup_ray_ready_s']:.1f} s, the rest trainer + Ray Data start"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

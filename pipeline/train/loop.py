@@ -138,6 +138,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state = LoopState(saved["epoch"], saved["history"], saved["mlflow_run_id"])
 
     tracker = _RankZeroTracker(cfg, state.mlflow_run_id) if rank == 0 else None
+    if tracker is not None:
+        tracker.startup = loop_config.get("startup", {})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch = per_worker_batch(cfg)
@@ -386,24 +388,36 @@ class _RankZeroTracker:
     """MLflow from rank 0: per-epoch metrics, and at the end test metrics, artifacts, the model."""
 
     def __init__(self, cfg: PipelineConfig, run_id: str | None) -> None:
-        from pipeline import tracking
-
         self.cfg = cfg
+        self.run_id = run_id
+        self._started = False
         self._logged: set[int] | None = None
         self.first_step_s: float | None = None
+        self.startup: dict[str, float] = {}
+
+    def _start(self) -> None:
+        """Open the MLflow run on first use, not before the first step: importing mlflow and
+        opening the run takes seconds that the first training step need not wait for."""
+        if self._started:
+            return
+        from pipeline import tracking
+
         self.run_id = tracking.start_or_resume_run(
-            cfg.tracking.resolved_uri(), cfg.tracking.experiment, run_id=run_id
+            self.cfg.tracking.resolved_uri(), self.cfg.tracking.experiment, run_id=self.run_id
         )
+        self._started = True
 
     def log_epoch(self, row: dict[str, float]) -> None:
         import mlflow
 
         from pipeline import tracking
 
+        self._start()
         if self._logged is None:  # read once: which epochs a crashed attempt already logged
             self._logged = tracking.logged_epochs(self.run_id, "val_acc")
         if self.first_step_s is not None and not self._logged:
-            mlflow.log_metric("time_to_first_step_s", self.first_step_s)
+            # Where the time to the first step went: checks, Ray start, then trainer + data start.
+            mlflow.log_metrics({"time_to_first_step_s": self.first_step_s, **self.startup})
         if row["epoch"] not in self._logged:
             mlflow.log_metrics(
                 {k: float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"]
@@ -417,6 +431,7 @@ class _RankZeroTracker:
         from pipeline.model_package import log_pipeline_model
 
         cfg = self.cfg
+        self._start()
         if progress is not None:
             progress.put({"kind": "phase", "text": "evaluating the test split"})
         device = next(model.parameters()).device

@@ -343,6 +343,7 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
     started = _process_start()
     cfg = cfg.with_absolute_paths()
     manifest = preflight(cfg, console)
+    startup = {"startup_preflight_s": time.time() - started}
     run_name = cfg.run.name or f"{cfg.tracking.experiment}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_id, experiment_id, completed = _open_mlflow_run(cfg, run_name, manifest)
     uri = cfg.tracking.resolved_uri()
@@ -353,6 +354,7 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
         )
     else:
         init_ray(cfg)
+        startup["startup_ray_ready_s"] = time.time() - started
         progress_queue = Queue()
         cache = cache_in_workers(cfg, manifest)
         storage = st.resolve(cfg.run.storage_path, cfg.storage)
@@ -365,6 +367,7 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
                 "progress": progress_queue,
                 "cache": cache,
                 "started_at": started,
+                "startup": startup,
                 "failure_marker": str(
                     Path(
                         storage.path if not storage.is_s3 else "/tmp", run_name, ".injected-failure"
