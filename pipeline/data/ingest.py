@@ -44,7 +44,7 @@ class BatchTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = decode_images(list(batch["image"]), self.image)
         x = self.to_tensor(pixels)
-        return {"image": x.numpy(), "label": np.asarray(batch["label"], dtype=np.int64)}
+        return {"image": x.numpy(), "label": np.array(batch["label"], dtype=np.int64)}
 
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """(N, H, W, C) uint8 -> normalised (N, C, H, W) float32, augmented when configured."""
