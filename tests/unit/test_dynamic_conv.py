@@ -14,17 +14,6 @@ from pipeline.models.dynamic_conv import (
 )
 from pipeline.models.zoo import count_macs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread. With two, OpenMP spin-waits made this file ~5x slower
-    whenever other jobs shared the 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ALGORITHMS = ["aggregate", "mix", "auto"]
 # (in, out, kernel, stride, padding, dilation, groups, bias)
 GEOMETRIES = [

@@ -13,16 +13,6 @@ from pipeline.models.dynamic_conv import DynamicConv2d, DynamicSpec
 from pipeline.models.resnet import CIFAR_PAPER_PARAMS, IMAGENET_REFERENCE, PadShortcut
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread. With two, OpenMP spin-waits made this file ~5x slower
-    whenever other jobs shared the 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -21,16 +21,6 @@ from pipeline.models.zoo import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread. With two, OpenMP spin-waits made this file ~5x slower
-    whenever other jobs shared the 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_model_names():
     static = [
         *(f"resnet{d}" for d in (18, 34, 50, 101, 152)),
