@@ -126,12 +126,19 @@ def init_ray(cfg: PipelineConfig) -> None:
         "include_dashboard": False,
         "configure_logging": True,
     }
+    # A notice at every start that token auth is on (it stays on): not news to a user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     if address:
         ray.init(address=address, **kwargs)
     else:
         workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         # Ray Data's read and map tasks need CPU slots beside the training workers.
         num_cpus = cfg.scaling.num_cpus or max(os.cpu_count() or 1, int(workers) + 1)
+        # Train workers, Ray Data tasks and the coordinating actors start together; the local
+        # raylet's default start-up concurrency (= CPUs) warns about it on every run.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * num_cpus))
         ray.init(num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
