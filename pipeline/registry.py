@@ -516,7 +516,15 @@ class PromotionLock:
             started = time.monotonic()
             lease = self._read()
             if self._free(lease) or self._ours(lease):
-                self._write()
+                try:
+                    self._write()
+                except RegistryError:
+                    # Two first writers of the tag race on the store's unique key (SQLite:
+                    # IntegrityError); the loser backs off and reads again like any waiter.
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(s.poll_s * (1 + random.random()))
+                    continue
                 quick = time.monotonic() - started < s.settle_s / 2
                 time.sleep(s.settle_s)
                 if quick and self._ours(self._read()):

@@ -440,5 +440,5 @@ def _summary(cfg: PipelineConfig, run_name: str, run_id: str, experiment_id: str
         from pipeline.registry import register_run_model
 
         version = register_run_model(cfg, run_id)
-        summary.model_version, summary.registered_name = version.version, version.name
+        summary.model_version, summary.registered_name = str(version.version), version.name
     return summary

@@ -45,7 +45,7 @@ from pipeline.registry import (
     registered_versions,
     rollback,
 )
-from pipeline.tracking import log_params_flat, standard_tags
+from pipeline.tracking import log_params_flat, standard_tags, start_or_resume_run
 from pipeline.train.loop import model_for
 
 pytestmark = pytest.mark.slow
@@ -96,20 +96,24 @@ def log_run(
     cfg: PipelineConfig, manifest: Manifest, model: torch.nn.Module, run_name: str, **metrics
 ) -> str:
     """An MLflow run shaped like a training run's (tags, params, metrics, model); its id."""
-    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
     tags = {
         **standard_tags(),
         "pipeline.run_name": run_name,
         "pipeline.dataset_digest": manifest.digest,
         "pipeline.config_digest": cfg.digest(),
     }
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    # As training opens its run (no set_experiment: that is process-wide state, env var included).
+    run_id = start_or_resume_run(
+        cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name=run_name, tags=tags
+    )
+    try:
         log_params_flat(cfg.to_dict())
         mlflow.log_metrics(metrics)
         log_pipeline_model(model, cfg, manifest)
         mlflow.set_tag("pipeline.completed", "true")
-    return run.info.run_id
+    finally:
+        mlflow.end_run()
+    return run_id
 
 
 def register(cfg: PipelineConfig, run_id: str, name: str) -> str:

@@ -135,6 +135,7 @@ def test_mlflow_runs_uri_round_trip(tmp_path, monkeypatch):
     # A throwaway sqlite store, via the standard variable; the process-wide URI is restored after.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # another store's
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     source = resnet.cifar_resnet20(in_channels=1)
     with mlflow.start_run() as run:
