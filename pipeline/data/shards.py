@@ -13,6 +13,7 @@ write deletes what it wrote and leaves any previous dataset untouched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -388,15 +389,13 @@ class DatasetWriter:
 
 def _delete_quietly(loc: st.Location, directory: bool = False) -> None:
     """Best-effort clean-up: without a manifest, leftovers are invisible to readers anyway."""
-    try:
+    with contextlib.suppress(OSError):
         if directory:
             # Only an empty directory (a marker): never delete someone else's files.
             if not loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)):
                 loc.fs.delete_dir(loc.path)
         else:
             loc.fs.delete_file(loc.path)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
