@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -37,11 +38,11 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(10)
+            proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -148,43 +149,37 @@ def wait_for_health(uri: str, proc: subprocess.Popen, log: Path, timeout: float 
     raise RuntimeError(f"{uri}/health did not answer within {timeout}s; see {log}")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
-    """A real tracking server, started as a user does (`pipeline server mlflow`): SQLite backend
-    and proxied artifacts in a tmp dir, a free port on 127.0.0.1; stopped at the end."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(
+    root: Path, artifacts_destination: str, *extra: str
+) -> Iterator[tuple[str, Path]]:
+    """`pipeline server mlflow` as a user starts it (SQLite backend under `root`, a free port on
+    127.0.0.1); yields (uri, log) once /health answers, and stops it afterwards."""
     port = free_port()
     log = root / "server.log"
     cmd = [
-        str(BIN / "pipeline"),
-        "server",
-        "mlflow",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+        str(BIN / "pipeline"), "server", "mlflow",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", artifacts_destination,
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra,
+    ]  # fmt: skip
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(
         cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     try:
-        server = MlflowServer(f"http://127.0.0.1:{port}", root, log)
-        wait_for_health(server.uri, proc, log)
-        yield server
+        uri = f"http://127.0.0.1:{port}"
+        wait_for_health(uri, proc, log)
+        yield uri, log
     finally:
         # uvicorn drains keep-alive connections for a long while on SIGTERM; 3 s is plenty for
         # SQLite to finish a write.
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop(proc, grace_s=3)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """A real tracking server: SQLite backend and proxied artifacts in a tmp dir."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(root, str(root / "artifacts")) as (uri, log):
+        yield MlflowServer(uri, root, log)
