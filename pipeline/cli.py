@@ -663,6 +663,57 @@ def server_mlflow(
     os.execv(cmd[0], cmd)
 
 
+# ---------------------------------------------------------------------------------------------
+# pipeline schedule nightly: a crontab entry for machines without Kubernetes (there, use
+# infra/k8s/cronjob-nightly.yaml or raycronjob-nightly.yaml).
+
+schedule_app = typer.Typer(no_args_is_help=True, help="Run jobs from cron (no Kubernetes).")
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("nightly")
+@friendly_errors
+def schedule_nightly(
+    at: Annotated[str, typer.Option("--at", help="Time of day, 24-hour HH:MM, machine's zone.")] = (
+        "02:00"
+    ),
+    config: Annotated[Path, typer.Option("--config", "-c", help="The nightly job's YAML.")] = Path(
+        "jobs/configs/nightly.yaml"
+    ),
+    project_dir: Annotated[
+        Path, typer.Option(help="Directory the job runs in (relative paths resolve there).")
+    ] = Path("."),
+    log_file: Annotated[
+        Path | None, typer.Option(help="Appended to; default ~/.local/state/pipeline/nightly.log.")
+    ] = None,
+    install: Annotated[
+        bool, typer.Option("--install", help="Add it to your crontab, replacing an earlier one.")
+    ] = False,
+) -> None:
+    """Print (or --install) the crontab line that runs `pipeline nightly` every day."""
+    import time
+
+    from pipeline.schedule import MARKER, crontab_line, nightly_entry
+    from pipeline.schedule import install as install_line
+
+    line = crontab_line(nightly_entry(at, config, project_dir, log_file=log_file))
+    zone = time.strftime("%Z")
+    if not install:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+        err.print(
+            f"# cron reads {at} in this machine's time zone ({zone}); cronie also honours a "
+            "CRON_TZ=UTC line above the entry. Add it with --install, or `crontab -e`.",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    replaced = install_line(line)
+    verb = "replaced the earlier" if replaced else "added a"
+    out.print(f"{verb} `{MARKER}` entry in your crontab: daily at {at} ({zone})", markup=False)
+    out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover - console script entry point
     app()
 
