@@ -630,7 +630,7 @@ def serve_command(
 @friendly_errors
 def server_mlflow(
     backend_store_uri: Annotated[
-        str, typer.Option(help="sqlite:///FILE or postgresql://USER@HOST/DB.")
+        str, typer.Option(help="sqlite:///FILE or postgresql://USER:PASSWORD@HOST:PORT/DB.")
     ] = "sqlite:///mlflow.db",
     artifacts_destination: Annotated[
         str, typer.Option(help="Local directory or s3://bucket/prefix (proxied by the server).")
@@ -648,15 +648,16 @@ def server_mlflow(
     """Run MLflow's tracking server (blocks; Ctrl-C stops it)."""
     import os
 
-    from pipeline.serving import tracking_server_command
+    from pipeline.serving import check_backend_store, masked_uri, tracking_server_command
 
     cmd = tracking_server_command(
         backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts
     )
+    check_backend_store(backend_store_uri)  # PostgreSQL: fail in seconds, not MLflow's ~100 s
     if endpoint_url:  # MinIO or another S3-compatible store for the artifacts
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = endpoint_url
     err.print(
-        f"MLflow tracking server on http://{host}:{port} (backend {backend_store_uri}, "
+        f"MLflow tracking server on http://{host}:{port} (backend {masked_uri(backend_store_uri)}, "
         f"artifacts {artifacts_destination}); clients: MLFLOW_TRACKING_URI=http://{host}:{port}",
         highlight=False,
     )

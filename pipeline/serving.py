@@ -580,8 +580,8 @@ def tracking_server_command(
     allowed_hosts: str | None = None,
 ) -> list[str]:
     """`mlflow server` with proxied artifacts (clients need no storage credentials)."""
-    if backend_store_uri.startswith("postgresql"):
-        _require_postgres_driver(backend_store_uri)
+    if _is_postgres(backend_store_uri):
+        backend_store_uri = postgres_backend_uri(backend_store_uri)
     cmd = [
         sys.executable,
         "-m",
@@ -604,14 +604,90 @@ def tracking_server_command(
     return cmd
 
 
-def _require_postgres_driver(uri: str) -> None:
+# SQLAlchemy's PostgreSQL drivers that take libpq's connect_timeout, by URI driver name.
+_PG_DRIVERS = {"psycopg2": "psycopg2", "psycopg": "psycopg"}
+
+
+def _is_postgres(uri: str) -> bool:
+    return uri.partition("://")[0].partition("+")[0] == "postgresql"
+
+
+def masked_uri(uri: str) -> str:
+    """`uri` with its password (if any) replaced by ***, for messages and logs."""
+    parts = urlsplit(uri)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return uri
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def postgres_backend_uri(uri: str) -> str:
+    """A postgresql:// URI naming a driver that is installed.
+
+    SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; with only psycopg2 installed (the
+    `postgres` extra) the URI becomes postgresql+psycopg2://. A URI naming its driver is kept.
+    """
     import importlib.util
 
-    if not any(importlib.util.find_spec(m) for m in ("psycopg2", "psycopg")):
+    scheme, _, rest = uri.partition("://")
+    driver = scheme.partition("+")[2]
+    if driver:
+        module = _PG_DRIVERS.get(driver, driver)
+        if importlib.util.find_spec(module) is None:
+            raise ServingError(
+                f"--backend-store-uri {masked_uri(uri)}: the {driver} driver is not installed; "
+                f"install it (`.venv/bin/pip install {module}`) or use postgresql:// with "
+                "`.venv/bin/pip install psycopg2-binary`"
+            )
+        return uri
+    if importlib.util.find_spec("psycopg") is not None:
+        return uri
+    if importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    raise ServingError(
+        f"--backend-store-uri {masked_uri(uri)}: PostgreSQL needs a driver; install one with "
+        "`.venv/bin/pip install psycopg2-binary` (or `pip install -e '.[postgres]'`)"
+    )
+
+
+def check_backend_store(uri: str, timeout_s: float = 10.0) -> None:
+    """Connect once to a PostgreSQL backend store, with a bounded wait.
+
+    `mlflow server` itself retries a failing database for about 100 s and then ends in a
+    traceback; this fails in seconds with the URI (password masked) and what to fix.
+    """
+    if not _is_postgres(uri):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    shown = masked_uri(uri)
+    uri = postgres_backend_uri(uri)
+    try:
+        driver = sqlalchemy.engine.make_url(uri).get_driver_name()
+        bounded = {"connect_timeout": max(2, round(timeout_s))} if driver in _PG_DRIVERS else {}
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=bounded)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
         raise ServingError(
-            f"--backend-store-uri {_without_credentials(uri)}: PostgreSQL needs a driver; "
-            "install one with `.venv/bin/pip install psycopg2-binary`"
-        )
+            f"--backend-store-uri {shown}: not a valid PostgreSQL URI ({exc}); expected "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:
+        reason = " ".join(str(exc.orig).split())
+        password = urlsplit(uri).password
+        if password:
+            reason = reason.replace(password, "***")
+        raise ServingError(
+            f"--backend-store-uri {shown}: cannot connect to PostgreSQL ({reason}); check that "
+            "the server runs and accepts TCP connections at that host and port, the user and "
+            "password, and that the database exists (createdb DATABASE)"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def scoring_server_env(tracking_uri: str) -> dict[str, str]:
@@ -652,7 +728,10 @@ __all__ = [
     "PyfuncPredictor",
     "RegistryError",
     "ServingError",
+    "check_backend_store",
     "load",
+    "masked_uri",
+    "postgres_backend_uri",
     "predictor_uri",
     "pull",
     "scoring_server_command",

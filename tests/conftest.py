@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -151,15 +154,16 @@ def wait_for_health(uri: str, proc: subprocess.Popen, log: Path, timeout: float 
 
 @contextlib.contextmanager
 def running_mlflow_server(
-    root: Path, artifacts_destination: str, *extra: str
+    root: Path, artifacts_destination: str, *extra: str, backend_store_uri: str | None = None
 ) -> Iterator[tuple[str, Path]]:
-    """`pipeline server mlflow` as a user starts it (SQLite backend under `root`, a free port on
-    127.0.0.1); yields (uri, log) once /health answers, and stops it afterwards."""
+    """`pipeline server mlflow` as a user starts it (SQLite backend under `root` unless
+    `backend_store_uri` names another, a free port on 127.0.0.1); yields (uri, log) once /health
+    answers, and stops it afterwards."""
     port = free_port()
     log = root / "server.log"
     cmd = [
         str(BIN / "pipeline"), "server", "mlflow",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", artifacts_destination,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra,
     ]  # fmt: skip
@@ -183,3 +187,144 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow-server")
     with running_mlflow_server(root, str(root / "artifacts")) as (uri, log):
         yield MlflowServer(uri, root, log)
+
+
+# --- PostgreSQL (the tracking server's production backend) ---------------------------------------
+
+
+def find_postgres_bindir() -> Path | None:
+    """The directory holding initdb, pg_ctl and postgres: from the PATH (symlinks resolved), else
+    Debian's /usr/lib/postgresql/<version>/bin, newest first."""
+    names = ("initdb", "pg_ctl", "postgres")
+    found = shutil.which("pg_ctl")
+    dirs = [Path(found).resolve().parent] if found else []
+    debian = Path("/usr/lib/postgresql").glob("*/bin")
+    dirs += sorted(debian, key=lambda d: [int(x) for x in re.findall(r"\d+", d.parent.name)])[::-1]
+    for d in dirs:
+        if all(os.access(d / n, os.X_OK) for n in names):
+            return d
+    return None
+
+
+@dataclass
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    version: str  # e.g. "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+
+    def uri(self, *, password: str | None = None, database: str | None = None) -> str:
+        return (
+            f"postgresql://{self.user}:{password or self.password}@{self.host}:{self.port}/"
+            f"{database or self.database}"
+        )
+
+    def connect(self):
+        import psycopg2
+
+        return psycopg2.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=self.database,
+            connect_timeout=10,
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server in a tmp dir: 127.0.0.1 on a free port, password auth over TCP,
+    its unix socket in the tmp dir, one empty database; stopped (`pg_ctl stop -m fast`) and
+    removed at the end. PostgreSQL refuses to run as root, so as root it runs as the `postgres`
+    user (else `nobody`). Skipped where PostgreSQL is not installed, except under CI, which must
+    test it (.ci/run installs it)."""
+    bindir = find_postgres_bindir()
+    if bindir is None:
+        why = (
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on the PATH or in "
+            "/usr/lib/postgresql/*/bin; install them with `apt-get install postgresql`"
+        )
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"{why} (CI is set: .ci/run installs PostgreSQL, so this must not skip)")
+        pytest.skip(why)
+
+    # Not pytest's tmp dirs: as root those are private to root, and postgres runs as another user.
+    base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            account = pwd.getpwnam("nobody")
+        os.chown(base, account.pw_uid, account.pw_gid)
+        if shutil.which("runuser"):
+            as_user = ["runuser", "-u", account.pw_name, "--"]
+        else:
+            as_user = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}"]
+            as_user += ["--clear-groups", "--"]
+    data, log = base / "data", base / "postgres.log"
+    server = PostgresServer(
+        host="127.0.0.1",
+        port=free_port(),
+        user="pipeline",
+        password=uuid.uuid4().hex,
+        database="mlflow",
+        version=subprocess.run(
+            [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=True
+        ).stdout.strip(),
+    )
+    pwfile = base / "pwfile"
+    pwfile.write_text(server.password + "\n")
+    if as_user:
+        shutil.chown(pwfile, account.pw_uid, account.pw_gid)
+
+    def pg(*args: str, timeout: float = 120) -> None:
+        cmd = [*as_user, *args]
+        done = subprocess.run(cmd, cwd=base, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            tail = log.read_text()[-3000:] if log.exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}{tail}")
+
+    pg(
+        str(bindir / "initdb"), "-D", str(data), "-U", server.user, f"--pwfile={pwfile}",
+        "--auth-host=scram-sha-256", "--auth-local=trust", "--encoding=UTF8", "--no-locale",
+        "--no-sync",
+    )  # fmt: skip
+    options = (
+        f"-c listen_addresses={server.host} -p {server.port} -k {base} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB"
+    )
+    started = False
+    try:
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
+           "-t", "60", "start")  # fmt: skip
+        started = True
+        import psycopg2
+
+        admin = psycopg2.connect(
+            host=server.host,
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            dbname="postgres",
+            connect_timeout=10,
+        )
+        try:
+            admin.autocommit = True
+            with admin.cursor() as cur:
+                cur.execute(f"CREATE DATABASE {server.database}")
+        finally:
+            admin.close()
+        yield server
+    finally:
+        if started:
+            try:
+                pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
