@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError, StorageConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
@@ -38,6 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError,
+        ClusterError,
         DatasetError,
         StorageError,
         TrackingUnavailable,
@@ -54,6 +57,9 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (ConfigError, ClusterError) as exc:  # first: no torch/Ray imports to say it
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except _user_errors() as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -713,6 +719,174 @@ def schedule_nightly(
     verb = "replaced the earlier" if replaced else "added a"
     out.print(f"{verb} `{MARKER}` entry in your crontab: daily at {at} ({zone})", markup=False)
     out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs on a Ray cluster: pipeline submit train|tune|nightly, pipeline jobs list / logs / stop.
+# The cluster is --address, else RAY_ADDRESS (its dashboard, http://HEAD:8265), else the local one.
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="Ray dashboard URL; default RAY_ADDRESS, else http://127.0.0.1:8265."
+    ),
+]
+JobIdArg = Annotated[str, typer.Argument(help="Submission id (raysubmit_...).")]
+
+
+class SubmittedCommand(StrEnum):
+    train = "train"
+    tune = "tune"
+    nightly = "nightly"
+
+
+@app.command("submit")
+@friendly_errors
+def submit_command(
+    command: Annotated[SubmittedCommand, typer.Argument(help="The command the cluster runs.")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML config; validated here before submitting.")
+    ],
+    overrides: SetOpt = None,
+    space: Annotated[
+        Path | None, typer.Option("--space", help="Search space YAML (tune only).")
+    ] = None,
+    address: AddressOpt = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="Set NAME=VALUE in the job's environment (repeatable)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Stream the job's log; exit 0 only if it succeeds.")
+    ] = False,
+) -> None:
+    """Run train, tune or nightly as a job on a Ray cluster; prints the submission id."""
+    from pipeline import cluster
+    from pipeline.config import load_config
+
+    cfg = load_config(config, overrides or [])  # a bad config never reaches the cluster
+    files = {"--config": config}
+    if command is SubmittedCommand.tune:
+        if space is None:
+            raise ConfigError("pipeline submit tune needs --space FILE (the search space)")
+        from pipeline.tune import load_search_space
+
+        load_search_space(space, cfg)
+        files["--space"] = space
+    elif space is not None:
+        raise ConfigError(f"--space is for tune only, not {command.value}")
+    job_env = cluster.job_env(cluster.parse_env(env))
+    args = [arg for pair in overrides or [] for arg in ("--set", pair)]
+    spec = cluster.JobSpec(command.value, args, files)
+    client = cluster.connect(address)
+    for note in cluster.remote_caveats(cfg, job_env):
+        err.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+    job_id = cluster.submit(client, spec, job_env)
+    out.print(job_id, highlight=False)
+    err.print(
+        f"submitted to {client.get_address()}: {spec.entrypoint()}\n"
+        f"follow it with `pipeline jobs logs {job_id} --follow`",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    if wait:
+        _follow_job(client, job_id)
+
+
+def _follow_job(client, job_id: str) -> None:
+    """Stream the job's log to stdout until it ends; exit 1 unless it SUCCEEDED."""
+    from rich.markup import escape
+
+    from pipeline.cluster import follow
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        state = follow(client, job_id, on_logs=write)
+    except KeyboardInterrupt:
+        err.print(
+            f"stopped following; job {job_id} keeps running on the cluster "
+            f"(`pipeline jobs stop {job_id}` stops it)",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
+    if state.status == "SUCCEEDED":
+        err.print(f"job {job_id} [bold green]SUCCEEDED[/]", highlight=False)
+        return
+    reason = state.reason
+    err.print(
+        f"job {job_id} [bold red]{state.status}[/]" + (f": {escape(reason)}" if reason else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+@friendly_errors
+def jobs_list(address: AddressOpt = None, as_json: JsonOpt = False) -> None:
+    """Every job on the cluster, newest first."""
+    from rich.markup import escape
+
+    from pipeline import cluster
+
+    client = cluster.connect(address)
+    jobs = cluster.list_jobs(client)
+    if as_json:
+        rows = [
+            {**vars(j), "start_time": str(j.start_time or ""), "end_time": str(j.end_time or "")}
+            for j in jobs
+        ]
+        out.print(json.dumps(rows, indent=2), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"jobs on {client.get_address()}")
+    table.add_column("id", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("entrypoint", overflow="fold")
+    table.add_column("start time", no_wrap=True)
+    for j in jobs:
+        started = f"{j.start_time.astimezone():%Y-%m-%d %H:%M:%S}" if j.start_time else "-"
+        table.add_row(j.submission_id, j.status, escape(j.entrypoint), started)
+    out.print(table)
+
+
+@jobs_app.command("logs")
+@friendly_errors
+def jobs_logs(
+    job_id: JobIdArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming; exit with the job's status.")
+    ] = False,
+    address: AddressOpt = None,
+) -> None:
+    """A job's log (driver output); --follow streams it until the job ends."""
+    from pipeline import cluster
+
+    client = cluster.connect(address)
+    if follow:
+        _follow_job(client, job_id)
+        return
+    sys.stdout.write(cluster.job_logs(client, job_id))
+
+
+@jobs_app.command("stop")
+@friendly_errors
+def jobs_stop(job_id: JobIdArg, address: AddressOpt = None) -> None:
+    """Ask the cluster to stop a job (its workers are killed; checkpoints stay)."""
+    from pipeline import cluster
+
+    client = cluster.connect(address)
+    if cluster.stop_job(client, job_id):
+        out.print(f"stop requested for {job_id}", highlight=False)
+    else:
+        state = cluster.job_state(client, job_id)
+        out.print(f"{job_id} had already finished: {state.status}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console script entry point

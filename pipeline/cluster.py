@@ -1,0 +1,380 @@
+"""Ray job submission: run a `pipeline` command on a Ray cluster and follow it.
+
+Talks only to the cluster dashboard's job API over HTTP (`ray.job_submission.JobSubmissionClient`);
+it never calls `ray.init`, so submitting costs a second, not a Ray start-up. A job ships the project
+(the `pipeline` package, `jobs/`, configs) as its runtime_env `working_dir`, without virtualenvs,
+data, runs, MLflow stores or Parquet files, and runs one of the `jobs/*.py` entrypoints there:
+
+    pipeline submit train --config jobs/configs/digits.yaml --wait
+        -> python jobs/train.py --config jobs/configs/digits.yaml   (on the cluster)
+
+Config files outside the project are shipped too (under `_submitted/`). The cluster's address comes
+from `--address`, else RAY_ADDRESS (the dashboard's http://HOST:8265), else http://127.0.0.1:8265.
+
+Environment variables a job needs to reach the same MLflow and S3 as the submitter are forwarded
+when set (FORWARDED_ENV), plus any `--env K=V`. They are stored in the job's runtime_env, which the
+dashboard shows to anyone who can reach it: on a shared cluster prefer credentials the cluster
+already has (an instance role, a Kubernetes secret) to forwarding AWS keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+CONNECT_TIMEOUT_S = 5.0  # an unreachable head fails within this (plus one retry-free request)
+READ_TIMEOUT_S = 60.0  # a working_dir upload is acknowledged well within this
+POLL_MIN_S, POLL_MAX_S = 0.5, 2.0  # status/log polling interval: starts fast, backs off to 2 s
+
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+# Not shipped: anything large, local state, or build output. Top-level names, then any-level globs.
+EXCLUDED_TOP = frozenset(
+    {".venv", ".git", "data", "runs", "mlruns", "mlartifacts", "mlflow.db", "ray_results", "out"}
+    | {".whl", ".gl", ".pytest_cache", ".ruff_cache", ".mypy_cache", "_submitted"}
+)
+EXCLUDED_ANYWHERE = ("__pycache__", "*.egg-info", "*.parquet", "*.pyc", "mlflow.db")
+JOB_SCRIPTS = {
+    "train": "jobs/train.py",
+    "tune": "jobs/tune.py",
+    "nightly": "jobs/nightly.py",
+    "promote": "jobs/promote.py",
+}
+SHIPPED_DIR = "_submitted"  # where files from outside the project land in the working_dir
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be reached or refused a request; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run
+
+
+def resolve_address(address: str | None = None) -> str:
+    """--address, else RAY_ADDRESS, else the local default; always the dashboard's http(s) URL."""
+    chosen = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    source = "--address" if address else ("RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "")
+    if not chosen.startswith(("http://", "https://")):
+        where = f"{source} {chosen!r}" if source else repr(chosen)
+        raise ClusterError(
+            f"{where}: jobs are submitted to the Ray dashboard's HTTP address, for example "
+            "http://127.0.0.1:8265 (not the GCS address HOST:6379 or ray://); pass --address"
+        )
+    return chosen.rstrip("/")
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """["K=V", ...] -> {"K": "V"}; names must be valid environment variable names."""
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ClusterError(f"--env {pair!r}: expected NAME=VALUE, for example FOO=bar")
+        env[key] = value
+    return env
+
+
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The standard variables set here (MLflow, S3), then --env pairs, which win."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return {**env, **(extra or {})}
+
+
+@dataclass
+class JobSpec:
+    """A `pipeline` command as the cluster runs it: script, arguments and the files they name."""
+
+    command: str  # train, tune, nightly, promote
+    args: list[str] = field(default_factory=list)  # arguments after the script, files excluded
+    files: dict[str, Path] = field(default_factory=dict)  # option -> local file, e.g. --config
+
+    def shipped_paths(self, project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
+        """Local file -> its path inside the working_dir (as is when the project ships it)."""
+        placed: dict[Path, str] = {}
+        for i, path in enumerate(self.files.values()):
+            local = path.resolve()
+            rel = _relative_to(local, project_dir)
+            if rel is None or is_excluded(rel):
+                rel = f"{SHIPPED_DIR}/{i}-{local.name}"
+            placed[local] = rel
+        return placed
+
+    def entrypoint(self, project_dir: Path = PROJECT_DIR) -> str:
+        script = JOB_SCRIPTS.get(self.command)
+        if script is None:
+            raise ClusterError(f"unknown job {self.command!r}; available: {', '.join(JOB_SCRIPTS)}")
+        placed = self.shipped_paths(project_dir)
+        argv = ["python", script]
+        for option, path in self.files.items():
+            argv += [option, placed[path.resolve()]]
+        return shlex.join([*argv, *self.args])
+
+
+def remote_caveats(cfg, env: dict[str, str]) -> list[str]:
+    """Settings that mean something else on the cluster: relative paths resolve inside the job's
+    working_dir there, which Ray deletes eventually, so what is written there is lost."""
+    notes = []
+    uri = cfg.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI")
+    if not uri or (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")):
+        notes.append(
+            f"tracking: {uri or 'sqlite:///mlflow.db (the default)'} is a file in the job's "
+            "working_dir on the cluster; set tracking.tracking_uri or MLFLOW_TRACKING_URI (or "
+            "--env) to a tracking server to keep the run"
+        )
+    for name, path in (("data.uri", cfg.data.uri), ("run.storage_path", cfg.run.storage_path)):
+        if "://" not in path and not Path(path).is_absolute():
+            notes.append(f"{name}: {path!r} is relative to the job's working_dir on the cluster")
+    return notes
+
+
+def _relative_to(path: Path, root: Path) -> str | None:
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def is_excluded(rel: str) -> bool:
+    """Whether a path relative to the project root stays behind (EXCLUDED_TOP/ANYWHERE)."""
+    parts = rel.split("/")
+    if parts[0] in EXCLUDED_TOP:
+        return True
+    return any(fnmatch.fnmatch(p, pat) for p in parts for pat in EXCLUDED_ANYWHERE)
+
+
+def stage_working_dir(spec: JobSpec, dest: Path, project_dir: Path = PROJECT_DIR) -> Path:
+    """Copy what the job needs into `dest`: the project minus exclusions, plus shipped files."""
+    script = project_dir / JOB_SCRIPTS.get(spec.command, "")
+    if not script.is_file():
+        raise ClusterError(
+            f"{script}: job script not found; submit from a checkout of the project "
+            "(the package must be installed in editable mode: pip install -e .)"
+        )
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        rel = Path(directory).resolve().relative_to(project_dir.resolve()).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        return {n for n in names if is_excluded(prefix + n)}
+
+    shutil.copytree(project_dir, dest, ignore=ignore, symlinks=True)
+    for local, rel in spec.shipped_paths(project_dir).items():
+        if not local.is_file():
+            raise ClusterError(f"{local}: file not found")
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, target)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the cluster
+
+
+def _client_class():
+    from ray.job_submission import JobSubmissionClient
+
+    class BoundedClient(JobSubmissionClient):
+        """Every request with a timeout: Ray's client sends none, so a silent head would hang
+        `submit` and `--wait` forever. `_do_request` forwards keyword arguments to requests."""
+
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", (CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return BoundedClient
+
+
+def _auth_headers() -> dict[str, str]:
+    """The local Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), if any.
+
+    `ray start --head` turns token auth on by itself when a token file exists, but Ray's job
+    client only sends the token when RAY_AUTH_MODE=token is set, so `ray job list` gets a 401
+    from a cluster started on the same machine (Ray 2.60). Send it whenever one is available,
+    unless RAY_AUTH_MODE=disabled."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:  # pragma: no cover - a Ray without token auth
+        return {}
+    return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(True) or {})
+
+
+def _unreachable(address: str, why: str) -> ClusterError:
+    return ClusterError(
+        f"cannot reach a Ray cluster's job API at {address} ({why}). Start one with "
+        "`ray start --head --dashboard-host 127.0.0.1` (dashboard on port 8265), or point "
+        "--address or RAY_ADDRESS at your cluster's dashboard, e.g. http://HEAD:8265"
+    )
+
+
+@contextmanager
+def _requests_to(address: str, what: str = "") -> Iterator[None]:
+    """Turn the transport and HTTP errors of Ray's client into one ClusterError each."""
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except requests.exceptions.Timeout:
+        raise _unreachable(address, f"no answer within {CONNECT_TIMEOUT_S:g} s") from None
+    except (requests.exceptions.ConnectionError, ConnectionError) as exc:
+        text = f"{exc} {exc.__context__}".lower()  # Ray re-raises requests' error as its context
+        why = "connection refused" if "refused" in text else "connection failed"
+        raise _unreachable(address, why) from None
+    except AuthenticationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ClusterError(
+            f"{address}: {first}. Put the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
+            "(`ray get-auth-token` on the head node prints it)"
+        ) from None
+    except RuntimeError as exc:  # Ray's client: "Request failed with status code 404: ..."
+        text = str(exc).strip()
+        if "404" in text and what:
+            raise ClusterError(f"{what} not found on {address}") from None
+        raise ClusterError(f"{address}: {text}") from None
+
+
+def connect(address: str | None = None):
+    """A job client for the cluster, checked to answer (bounded by CONNECT_TIMEOUT_S)."""
+    url = resolve_address(address)
+    # Ray's client reads RAY_ADDRESS / RAY_API_SERVER_ADDRESS itself and prefers them to its
+    # argument; the address chosen above (--address first) must win.
+    saved = {
+        k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ
+    }
+    try:
+        with _requests_to(url):
+            return _client_class()(url, headers=_auth_headers())
+    finally:
+        os.environ.update(saved)
+
+
+def submit(
+    client,
+    spec: JobSpec,
+    env: dict[str, str] | None = None,
+    project_dir: Path = PROJECT_DIR,
+) -> str:
+    """Ship the project and start the job; returns its submission id."""
+    address = client.get_address()
+    # Ray's client logs every packaging step at INFO; the CLI says what was submitted itself.
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="pipeline-submit-") as tmp:
+        working_dir = stage_working_dir(spec, Path(tmp) / "project", project_dir)
+        runtime_env: dict[str, Any] = {"working_dir": str(working_dir)}
+        if env:
+            runtime_env["env_vars"] = env
+        with _requests_to(address):
+            return client.submit_job(
+                entrypoint=spec.entrypoint(project_dir),
+                runtime_env=runtime_env,
+                metadata={"pipeline.command": spec.command},
+            )
+
+
+@dataclass
+class JobState:
+    submission_id: str
+    status: str  # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED
+    message: str
+    entrypoint: str
+    start_time: datetime | None
+    end_time: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("STOPPED", "SUCCEEDED", "FAILED")
+
+    @property
+    def reason(self) -> str:
+        """Ray's message without the copy of the log it appends to a failure."""
+        return self.message.split(", last available logs", 1)[0].strip()
+
+
+def _state(details) -> JobState:
+    def at(ms: int | None) -> datetime | None:
+        return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
+
+    return JobState(
+        submission_id=details.submission_id or details.job_id or "-",
+        status=str(getattr(details.status, "value", details.status)),
+        message=details.message or "",
+        entrypoint=details.entrypoint or "",
+        start_time=at(details.start_time),
+        end_time=at(details.end_time),
+    )
+
+
+def job_state(client, job_id: str) -> JobState:
+    with _requests_to(client.get_address(), f"job {job_id!r}"):
+        return _state(client.get_job_info(job_id))
+
+
+def list_jobs(client) -> list[JobState]:
+    """Every job the cluster knows, newest first (drivers started by hand included)."""
+    with _requests_to(client.get_address()):
+        jobs = [_state(d) for d in client.list_jobs()]
+    oldest = datetime.min.replace(tzinfo=UTC)
+    return sorted(jobs, key=lambda j: j.start_time or oldest, reverse=True)
+
+
+def job_logs(client, job_id: str) -> str:
+    with _requests_to(client.get_address(), f"job {job_id!r}"):
+        return client.get_job_logs(job_id)
+
+
+def stop_job(client, job_id: str) -> bool:
+    """Ask the cluster to stop a job; False when it had already finished."""
+    with _requests_to(client.get_address(), f"job {job_id!r}"):
+        return client.stop_job(job_id)
+
+
+def follow(
+    client,
+    job_id: str,
+    on_logs: Callable[[str], None] | None = None,
+    poll_max_s: float = POLL_MAX_S,
+) -> JobState:
+    """Poll until the job finishes, passing each new piece of its log to `on_logs`.
+
+    `get_job_logs` returns the whole log; only what is new since the last poll is passed on.
+    The interval starts at POLL_MIN_S and doubles up to `poll_max_s`, back to the minimum
+    whenever something new arrived."""
+    seen, interval = 0, POLL_MIN_S
+    while True:
+        state = job_state(client, job_id)
+        grew = False
+        if on_logs is not None:
+            text = job_logs(client, job_id)
+            seen = 0 if len(text) < seen else seen  # a rotated log starts over
+            if len(text) > seen:
+                on_logs(text[seen:])
+                seen, grew = len(text), True
+        if state.finished:
+            return state
+        interval = POLL_MIN_S if grew else min(interval * 2, poll_max_s)
+        time.sleep(interval)

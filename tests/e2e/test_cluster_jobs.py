@@ -1,0 +1,339 @@
+"""Jobs on a real Ray cluster: `pipeline submit` and `pipeline jobs ...` run as a user runs them.
+
+A module fixture starts `ray start --head` on 127.0.0.1 (free ports, its own short temp dir, so it
+never meets the session's local Ray) and stops exactly the processes it started. Every job costs
+20-40 s of start-up on 2 cores, so there are three: one that trains, one that fails on the cluster
+and one that is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import cluster
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PIPELINE = str(BIN / "pipeline")
+DIGITS_YAML = REPO / "jobs" / "configs" / "digits.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster
+
+
+@dataclass
+class RayCluster:
+    address: str  # the dashboard, http://127.0.0.1:<port>
+    temp_dir: Path
+    log: Path
+
+
+def _proc_table() -> dict[tuple[int, int], tuple[int, int]]:
+    """(pid, start time) -> (parent pid, session id) for every process we can see (Linux /proc);
+    the start time tells a process from a later one that got the same pid."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry.name), int(fields[19])] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def _started_by(root: int) -> set[tuple[int, int]]:
+    """`root`'s session plus every descendant (job drivers run in sessions of their own)."""
+    table = _proc_table()
+    found = {key for key, (_, sid) in table.items() if sid == root}
+    grew = True
+    while grew:
+        pids = {pid for pid, _ in found}
+        children = {key for key, (ppid, _) in table.items() if ppid in pids} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
+def _stop_cluster(proc: subprocess.Popen, address: str) -> None:
+    """Stop unfinished jobs, ask the node to shut down, then kill whatever of ours is left:
+    `ray stop --force` for this cluster only (`ray stop` kills every Ray on the machine)."""
+    try:
+        client = cluster.connect(address)
+        for job in cluster.list_jobs(client):
+            if not job.finished:
+                cluster.stop_job(client, job.submission_id)
+    except cluster.ClusterError:
+        pass
+    ours = _started_by(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)  # the node drains for up to 30 s; nothing here needs draining
+    still_there = set(_proc_table())
+    for pid, _ in (ours | _started_by(proc.pid)) & still_there:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(10)
+
+
+def _cluster_env() -> dict[str, str]:
+    """A clean environment, as on a machine of its own: no address, tracking or S3 settings
+    leak in from the test session, and its `python` is this virtualenv's (jobs run `python`)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
+        and not k.startswith("AWS_")
+    }
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    # Ray replaces 127.0.0.1 by the machine's outward address (it expects other nodes); off
+    # here, so the whole single-node cluster stays on the loopback interface.
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    # Short: Ray's socket paths live under it and Unix sockets allow ~107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rtc-", dir="/tmp"))
+    log = temp_dir / "ray-start.log"
+    dashboard = free_port()
+    low = random.randrange(20000, 29000, 100)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
+        "--min-worker-port", str(low), "--max-worker-port", str(low + 299),
+        "--num-cpus", "3", "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=_cluster_env(),
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_job_api(address, proc, log)
+        yield RayCluster(address, temp_dir, log)
+    finally:
+        _stop_cluster(proc, address)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_api(address: str, proc: subprocess.Popen, log: Path, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}: {log.read_text()}")
+        try:
+            cluster.list_jobs(cluster.connect(address))
+            return
+        except cluster.ClusterError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no job API at {address} after {timeout}s; see {log}") from None
+            time.sleep(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the CLI as a user does
+
+
+def pipeline(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return subprocess.run(
+        [PIPELINE, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+
+
+def digits_job(tmp_path: Path, *overrides: str) -> list[str]:
+    """`--config` a copy of the main job's YAML outside the project (so it has to be shipped),
+    with everything it writes in tmp_path and a short run."""
+    config = tmp_path / "digits.yaml"
+    shutil.copyfile(DIGITS_YAML, config)
+    base = [
+        "train.epochs=2",
+        "scaling.num_workers=1",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"data.uri={tmp_path / 'digits'}",
+    ]
+    args = ["--config", str(config)]
+    for o in [*base, *overrides]:
+        args += ["--set", o]
+    return args
+
+
+def closed_address() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a cluster: refused before anything is sent
+
+
+def test_unreachable_cluster_is_a_clear_error(tmp_path):
+    address = closed_address()
+    started = time.monotonic()
+    result = pipeline("submit", "train", *digits_job(tmp_path), "--address", address, cwd=tmp_path)
+    took = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert address in message and "ray start --head --dashboard-host 127.0.0.1" in message
+    assert "RAY_ADDRESS" in message and "Traceback" not in result.stderr
+    assert took < 30, f"took {took:.0f} s"
+
+
+def test_invalid_config_is_refused_before_contacting_the_cluster(tmp_path):
+    # The address is closed: had the command tried to submit, the error would name it.
+    result = pipeline(
+        "submit", "train", *digits_job(tmp_path, "train.lr=-1", "model.nam=x"),
+        "--address", closed_address(), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "train.lr: Input should be greater than 0" in result.stderr
+    assert "model.nam: unknown field" in result.stderr
+    assert "cannot reach" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "expected"),
+    [
+        ("tune", [], "pipeline submit tune needs --space FILE"),
+        ("tune", ["--space", "nowhere.yaml"], "nowhere.yaml"),
+        ("nightly", ["--space", "space.yaml"], "--space is for tune only"),
+        ("train", ["--env", "NO SPACES=1"], "expected NAME=VALUE"),
+    ],
+    ids=["tune-without-space", "missing-space-file", "space-for-nightly", "bad-env"],
+)
+def test_bad_submit_options_are_refused_here(tmp_path, command, extra, expected):
+    result = pipeline(
+        "submit", command, *digits_job(tmp_path), *extra, "--address", closed_address(),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert expected in " ".join(result.stderr.split()) and "cannot reach" not in result.stderr
+
+
+def test_working_dir_ships_code_and_config_but_no_local_state(tmp_path):
+    config = tmp_path / "my job.yaml"
+    config.write_text(yaml.safe_dump({"train": {"epochs": 1}}))
+    spec = cluster.JobSpec("train", ["--set", "train.lr=0.05"], {"--config": config})
+    staged = cluster.stage_working_dir(spec, tmp_path / "staged")
+    assert (staged / "jobs" / "train.py").is_file()
+    assert (staged / "pipeline" / "data" / "shards.py").is_file(), "only the top-level data/ stays"
+    assert (staged / "_submitted" / "0-my job.yaml").read_text() == config.read_text()
+    for name in (".venv", ".git", "data", "runs", "mlruns", "mlflow.db"):
+        assert not (staged / name).exists(), name
+    assert not list(staged.rglob("*.parquet")) and not list(staged.rglob("__pycache__"))
+    assert spec.entrypoint() == (
+        "python jobs/train.py --config '_submitted/0-my job.yaml' --set train.lr=0.05"
+    )
+    inside = cluster.JobSpec("train", [], {"--config": DIGITS_YAML})
+    assert inside.entrypoint() == "python jobs/train.py --config jobs/configs/digits.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# On the cluster
+
+
+@pytest.mark.slow
+def test_submitted_training_succeeds_and_is_tracked(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.loop import COMPLETED_TAG
+    from pipeline.train.trainer import RUN_NAME_TAG
+
+    name = f"cluster-{uuid.uuid4().hex[:8]}"
+    job = digits_job(tmp_path, f"registry.model_name={name}", f"run.name={name}")
+    result = pipeline(
+        "submit", "train", *job, "--address", ray_cluster.address, "--wait", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    job_id = result.stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_")
+    assert "SUCCEEDED" in result.stderr
+    assert "epoch   2/2" in result.stdout  # the driver's log, streamed
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("digits").experiment_id],
+        f"tags.`{RUN_NAME_TAG}` = '{name}'",
+    )
+    assert len(runs) == 1 and runs[0].data.tags[COMPLETED_TAG] == "true"
+    assert runs[0].data.metrics["test_acc"] > 0.3
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.run_id for v in versions] == [runs[0].info.run_id]
+
+    listed = pipeline("jobs", "list", "--address", ray_cluster.address, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if job_id in line)
+    assert "SUCCEEDED" in row
+    as_json = pipeline("jobs", "list", "--json", "--address", ray_cluster.address, cwd=tmp_path)
+    (listed_job,) = [j for j in json.loads(as_json.stdout) if j["submission_id"] == job_id]
+    assert listed_job["entrypoint"].startswith("python jobs/train.py --config _submitted/")
+
+    logs = pipeline("jobs", "logs", job_id, "--address", ray_cluster.address, cwd=tmp_path)
+    assert logs.returncode == 0, logs.stderr
+    assert "epoch   1/2" in logs.stdout and "epoch   2/2" in logs.stdout
+
+
+@pytest.mark.slow
+def test_job_failing_on_the_cluster_exits_nonzero_with_its_status(ray_cluster, tmp_path):
+    # Valid here, wrong there: no dataset at the path and nothing to prepare it.
+    job = digits_job(tmp_path, "data.prepare=", f"data.uri={tmp_path / 'nowhere'}")
+    result = pipeline(
+        "submit", "train", *job, "--address", ray_cluster.address, "--wait", cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    assert "FAILED" in result.stderr
+    assert "no manifest.json" in result.stdout  # the job's own error, in its streamed log
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_stopped_job_reports_stopped(ray_cluster, tmp_path):
+    submitted = pipeline(
+        "submit", "train", *digits_job(tmp_path), "--address", ray_cluster.address, cwd=tmp_path
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+
+    stopped = pipeline("jobs", "stop", job_id, "--address", ray_cluster.address, cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    followed = pipeline(
+        "jobs", "logs", job_id, "--follow", "--address", ray_cluster.address, cwd=tmp_path
+    )
+    assert followed.returncode == 1 and "STOPPED" in followed.stderr, followed.stderr
+
+    unknown = pipeline(
+        "jobs", "stop", "raysubmit_nosuchjob", "--address", ray_cluster.address, cwd=tmp_path
+    )
+    assert unknown.returncode == 2 and "raysubmit_nosuchjob" in unknown.stderr, unknown.stderr
