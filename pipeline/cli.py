@@ -34,13 +34,17 @@ err = Console(stderr=True)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.shards import DatasetError
+    from pipeline.nightly import NightlyError
     from pipeline.storage import StorageError
     from pipeline.tracking import TrackingUnavailable
     from pipeline.train.trainer import TrainingError
+    from pipeline.tune import TuneError
 
     return (
         ConfigError,
         ClusterError,
+        TuneError,
+        NightlyError,
         DatasetError,
         StorageError,
         TrackingUnavailable,
@@ -316,6 +320,106 @@ def train(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
         table.add_row("model", f"models:/{summary.registered_name}/{summary.model_version}")
     table.add_row("time", f"{summary.seconds:.0f} s")
     out.print(table)
+
+
+@app.command("tune")
+@friendly_errors
+def tune_command(
+    space: Annotated[
+        Path,
+        typer.Option("--space", help="Search space YAML: config fields and their distributions."),
+    ],
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Search name (default run.name, else <experiment>-tune-<time>); "
+            "the same name again resumes an interrupted search.",
+        ),
+    ] = None,
+) -> None:
+    """Search hyperparameters with Ray Tune (ASHA by default); register the best trial's model."""
+    from pipeline.config import load_config
+    from pipeline.tune import load_search_space, run_tune
+
+    cfg = load_config(config, overrides or [])
+    search_space = load_search_space(space, cfg)  # all problems reported before anything starts
+    summary = run_tune(cfg, search_space, name=name, console=err)
+    table = Table(title=f"search {summary.name}")
+    for col in ("rank", "trial", "state", "epochs", f"best {summary.metric}", "test_acc"):
+        table.add_column(col)
+    params = list(summary.trials[0].params) if summary.trials else []
+    for p in params:
+        table.add_column(p)
+    for i, row in enumerate(summary.trials, 1):
+        table.add_row(
+            str(i),
+            row.trial_id,
+            row.state,
+            str(row.epochs),
+            "-" if row.best is None else f"{row.best:.4f}",
+            "-" if row.test_acc is None else f"{row.test_acc:.4f}",
+            *[_fmt(row.params.get(p)) for p in params],
+        )
+    out.print(table)
+    if summary.best is not None:
+        chosen = ", ".join(f"{k}={_fmt(v)}" for k, v in summary.best.params.items())
+        out.print(
+            f"best trial {summary.best.trial_id}: best {summary.metric} "
+            f"{summary.best.best:.4f} ({chosen})",
+            highlight=False,
+        )
+    if summary.model_version:
+        out.print(f"registered models:/{summary.registered_name}/{summary.model_version}")
+    out.print(
+        f"{summary.epochs_total} epochs over {len(summary.trials)} trial(s) in "
+        f"{summary.seconds:.0f} s; MLflow parent run: {summary.run_url}",
+        highlight=False,
+    )
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command("nightly")
+@friendly_errors
+def nightly_command(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Run even if tonight's run already finished or nothing is new."
+        ),
+    ] = False,
+    date: Annotated[
+        str | None,
+        typer.Option(
+            "--date", help="The day this run counts for (YYYY-MM-DD; default today, UTC)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Retrain on data new since the champion, register, promote only if better, and report."""
+    from datetime import date as _date
+
+    from pipeline.config import load_config
+    from pipeline.nightly import report_json, run_nightly
+
+    if date is not None:
+        try:
+            _date.fromisoformat(date)
+        except ValueError:
+            raise ConfigError(f"--date {date!r}: expected YYYY-MM-DD") from None
+    cfg = load_config(config, overrides or [])
+    report = run_nightly(cfg, force=force, date=date, console=err)
+    if as_json:
+        print(report_json(report))
+        return
+    out.print(report.to_markdown(), highlight=False)
 
 
 @app.command("evaluate")

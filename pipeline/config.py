@@ -169,6 +169,14 @@ class RegistryConfig(_Section):
     class_floor: float = Field(0.0, ge=0, le=1)  # no class's accuracy may fall below this
 
 
+class NightlyConfig(_Section):
+    """`pipeline nightly`: how tonight's model starts when there is a champion."""
+
+    init: Literal["champion", "scratch"] = "champion"  # fine-tune the champion, or start afresh
+    epochs: int | None = Field(None, ge=1)  # fine-tuning epochs; None: train.epochs
+    lr: float | None = Field(None, gt=0)  # fine-tuning peak learning rate; None: train.lr
+
+
 class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -177,6 +185,7 @@ class PipelineConfig(_Section):
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
+    nightly: NightlyConfig = NightlyConfig()
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")

@@ -462,6 +462,11 @@ class PromotionLock:
     and keeps SQLite's single writer from being hammered.
     """
 
+    tag = LOCK_TAG  # the registered-model tag that holds the lease
+    purpose = (
+        "promotion or rollback"  # what the lock serialises, for messages and the lock file's name
+    )
+
     def __init__(self, client, name: str, settings: LockSettings | None = None) -> None:
         self.client, self.name = client, name
         self.settings = settings or LockSettings()
@@ -474,7 +479,7 @@ class PromotionLock:
     # -- the lease tag ---------------------------------------------------------------------------
     def _read(self) -> dict[str, Any] | None:
         with mlflow_errors(f"registered model {self.name!r}"):
-            raw = registered_model(self.client, self.name).tags.get(LOCK_TAG)
+            raw = registered_model(self.client, self.name).tags.get(self.tag)
         try:
             return json.loads(raw) if raw else None
         except json.JSONDecodeError:
@@ -488,7 +493,7 @@ class PromotionLock:
             "expires": time.time() + self.settings.ttl_s,
         }
         with mlflow_errors(f"registered model {self.name!r}"):
-            self.client.set_registered_model_tag(self.name, LOCK_TAG, json.dumps(lease))
+            self.client.set_registered_model_tag(self.name, self.tag, json.dumps(lease))
 
     @staticmethod
     def _free(lease: dict[str, Any] | None) -> bool:
@@ -543,18 +548,18 @@ class PromotionLock:
             else "contended"
         )
         return (
-            f"registered model {self.name!r}: another promotion or rollback holds the lock "
+            f"registered model {self.name!r}: another {self.purpose} holds the lock "
             f"({holder}); gave up after {self.settings.timeout_s:g}s. If that process is gone, "
-            f"the lease expires by itself, or delete the model's tag {LOCK_TAG!r}"
+            f"the lease expires by itself, or delete the model's tag {self.tag!r}"
         )
 
     def ensure_held(self) -> None:
         """Raise unless the lease is still ours (it may have expired under a stalled process)."""
         if self._lost.is_set() or not self._ours(self._read()):
             raise RegistryError(
-                f"registered model {self.name!r}: lost the promotion lock before moving the "
-                f"alias (the process stalled longer than the {self.settings.ttl_s:g}s lease?); "
-                "nothing was changed, run it again"
+                f"registered model {self.name!r}: lost the {self.purpose} lock (the process "
+                f"stalled longer than the {self.settings.ttl_s:g}s lease?); nothing was changed, "
+                "run it again"
             )
 
     def _renew(self) -> None:
@@ -573,7 +578,7 @@ class PromotionLock:
         try:
             lease = self._read()
             if lease is not None and lease.get("token") == self.token:
-                self.client.delete_registered_model_tag(self.name, LOCK_TAG)
+                self.client.delete_registered_model_tag(self.name, self.tag)
         except (MlflowException, RegistryError):
             pass  # the lease expires by itself
 
@@ -590,7 +595,8 @@ class PromotionLock:
         if not uri.startswith("sqlite:///"):
             return
         db = Path(uri.removeprefix("sqlite:///")).expanduser()
-        self._file = open(db.parent / f".{db.name}.promotion.lock", "a")  # noqa: SIM115
+        lock_path = db.parent / f".{db.name}.{self.purpose.split()[0]}.lock"
+        self._file = open(lock_path, "a")  # noqa: SIM115
         while True:
             try:
                 fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)

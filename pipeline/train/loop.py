@@ -335,7 +335,8 @@ def _set_rng_state(state: dict[str, Any], mixer: BatchMixer) -> None:
 def _report(row, state, model, optimizer, scheduler, scaler, ema, mixer, is_rank0: bool) -> None:
     import ray.train
 
-    metrics = {k: float(v) for k, v in row.items()}
+    # `epochs_done` (1-based) is the time axis of Tune's ASHA scheduler, stable across restarts.
+    metrics = {**{k: float(v) for k, v in row.items()}, "epochs_done": state.epoch}
     if not is_rank0:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -7,6 +7,7 @@ shards, model name, tracking server), so a mistake costs seconds, not a cluster 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -33,6 +34,7 @@ from pipeline.train.loop import (
 )
 
 RUN_NAME_TAG = "pipeline.run_name"
+MANIFEST_ARTIFACT = "dataset/manifest.json"  # the manifest of the data a run trained on
 _IMPORTED_AT = time.time()
 
 
@@ -113,7 +115,10 @@ def preflight(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
 # Ray
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
+    """Connect to the cluster in scaling.ray_address / RAY_ADDRESS, or start a local Ray sized
+    for `concurrent_runs` training runs of this config side by side (Tune trials), plus
+    `extra_cpus` held by other actors (Tune's trial functions)."""
     import ray
     import ray.data
 
@@ -133,12 +138,16 @@ def init_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        # Ray Data's read and map tasks need CPU slots beside the training workers.
-        num_cpus = cfg.scaling.num_cpus or max(os.cpu_count() or 1, int(workers) + 1)
+        workers = concurrent_runs * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        # Ray Data's read and map tasks need a whole free CPU slot beside the training workers.
+        held = math.ceil(workers + extra_cpus)
+        num_cpus = cfg.scaling.num_cpus or max(os.cpu_count() or 1, held + 1)
         # Train workers, Ray Data tasks and the coordinating actors start together; the local
         # raylet's default start-up concurrency (= CPUs) warns about it on every run.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * num_cpus))
+        # Starting a worker group's processes takes well over Ray Train's 60 s default when a
+        # few trials start at once on two busy cores; a timeout only retries the same start.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
         ray.init(num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -178,7 +187,7 @@ def _datasets(cfg: PipelineConfig, manifest: Manifest, cache: bool) -> dict[str,
     }
 
 
-def _run_config(cfg: PipelineConfig, run_name: str):
+def _run_config(cfg: PipelineConfig, run_name: str, callbacks: list[Any] | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     storage = st.resolve(cfg.run.storage_path, cfg.storage)
@@ -190,6 +199,7 @@ def _run_config(cfg: PipelineConfig, run_name: str):
         storage_filesystem=storage.fs,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        callbacks=callbacks,
     )
 
 
@@ -210,10 +220,12 @@ def _scaling_config(cfg: PipelineConfig):
 # MLflow run of a training run
 
 
-def _open_mlflow_run(
-    cfg: PipelineConfig, run_name: str, manifest: Manifest
+def open_mlflow_run(
+    cfg: PipelineConfig, run_name: str, manifest: Manifest, tags: dict[str, str] | None = None
 ) -> tuple[str, str, bool]:
-    """Find the MLflow run of `run_name` (to resume) or create it: (run_id, exp_id, completed)."""
+    """Find the MLflow run of `run_name` (to resume) or create it: (run_id, exp_id, completed).
+
+    `tags` are added to the standard ones (a Tune trial adds its parent run and trial id)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -233,6 +245,7 @@ def _open_mlflow_run(
         RUN_NAME_TAG: run_name,
         "pipeline.dataset_digest": manifest.digest,
         "pipeline.config_digest": cfg.digest(),
+        **(tags or {}),
     }
     run_id = tracking.start_or_resume_run(
         uri,
@@ -250,6 +263,8 @@ def _open_mlflow_run(
             manifest.name,
             num_rows={s: i.rows for s, i in manifest.splits.items()},
         )
+        # The exact shard list trained on: `pipeline nightly` diffs it against today's data.
+        mlflow.log_dict(manifest.model_dump(mode="json"), MANIFEST_ARTIFACT)
     experiment_id = mlflow.get_run(run_id).info.experiment_id
     mlflow.end_run()  # rank 0 re-opens it; `pipeline.completed` (not the status) marks the end
     return run_id, experiment_id, completed
@@ -337,13 +352,47 @@ def _fit_with_display(trainer, progress_queue, display: LiveDisplay):
     return outcome["result"]
 
 
+def build_trainer(
+    cfg: PipelineConfig,
+    manifest: Manifest,
+    run_name: str,
+    run_id: str,
+    *,
+    progress: Any = None,
+    started: float | None = None,
+    startup: dict[str, float] | None = None,
+    callbacks: list[Any] | None = None,
+):
+    """The TorchTrainer of one training run: `pipeline train` fits it, a Tune trial too."""
+    from ray.train.torch import TorchTrainer
+
+    cache = cache_in_workers(cfg, manifest)
+    storage = st.resolve(cfg.run.storage_path, cfg.storage)
+    marker_root = storage.path if not storage.is_s3 else "/tmp"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "manifest": manifest.model_dump(mode="json"),
+            "mlflow_run_id": run_id,
+            "progress": progress,
+            "cache": cache,
+            "started_at": started if started is not None else time.time(),
+            "startup": startup or {},
+            "failure_marker": str(Path(marker_root, run_name, ".injected-failure")),
+        },
+        scaling_config=_scaling_config(cfg),
+        run_config=_run_config(cfg, run_name, callbacks),
+        datasets=_datasets(cfg, manifest, cache),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole job
 
 
 def run_training(cfg: PipelineConfig, console: Console | None = None) -> TrainingSummary:
     from mlflow.tracking import MlflowClient
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     console = console or Console(stderr=True)
@@ -352,7 +401,7 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
     manifest = preflight(cfg, console)
     startup = {"startup_preflight_s": time.time() - started}
     run_name = cfg.run.name or f"{cfg.tracking.experiment}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    run_id, experiment_id, completed = _open_mlflow_run(cfg, run_name, manifest)
+    run_id, experiment_id, completed = open_mlflow_run(cfg, run_name, manifest)
     uri = cfg.tracking.resolved_uri()
     if completed:
         console.print(
@@ -363,27 +412,14 @@ def run_training(cfg: PipelineConfig, console: Console | None = None) -> Trainin
         init_ray(cfg)
         startup["startup_ray_ready_s"] = time.time() - started
         progress_queue = Queue()
-        cache = cache_in_workers(cfg, manifest)
-        storage = st.resolve(cfg.run.storage_path, cfg.storage)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "config": cfg.to_dict(),
-                "manifest": manifest.model_dump(mode="json"),
-                "mlflow_run_id": run_id,
-                "progress": progress_queue,
-                "cache": cache,
-                "started_at": started,
-                "startup": startup,
-                "failure_marker": str(
-                    Path(
-                        storage.path if not storage.is_s3 else "/tmp", run_name, ".injected-failure"
-                    )
-                ),
-            },
-            scaling_config=_scaling_config(cfg),
-            run_config=_run_config(cfg, run_name),
-            datasets=_datasets(cfg, manifest, cache),
+        trainer = build_trainer(
+            cfg,
+            manifest,
+            run_name,
+            run_id,
+            progress=progress_queue,
+            started=started,
+            startup=startup,
         )
         console.print(
             f"training {cfg.model.name} on {manifest.name} ({cfg.data.uri}) with "

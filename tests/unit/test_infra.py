@@ -345,6 +345,16 @@ def test_rayjob_trains_the_main_job_on_a_cluster_of_its_own():
     assert overrides["run.storage_path"].startswith("s3://")
 
 
+# Pods share no disk: the nightly jobs keep data and checkpoints on the object store, like the
+# training RayJob.
+S3_SETS = [
+    "--set",
+    "data.uri=s3://pipeline/datasets/digits",
+    "--set",
+    "run.storage_path=s3://pipeline/runs",
+]
+
+
 def test_raycronjob_runs_nightly_and_says_it_is_behind_the_feature_gate():
     path = K8S / "raycronjob-nightly.yaml"
     header = path.read_text().split("apiVersion:")[0]
@@ -355,7 +365,7 @@ def test_raycronjob_runs_nightly_and_says_it_is_behind_the_feature_gate():
     assert cron["spec"]["schedule"] == NIGHTLY_SCHEDULE
     _check_rayjob_spec(cron["spec"]["jobTemplate"])
     entrypoint = shlex.split(cron["spec"]["jobTemplate"]["entrypoint"])
-    assert entrypoint == ["pipeline", "nightly", "--config", "jobs/configs/nightly.yaml"]
+    assert entrypoint == ["pipeline", "nightly", "--config", "jobs/configs/nightly.yaml", *S3_SETS]
 
 
 def test_cronjob_fallback_submits_nightly_to_the_long_lived_cluster():
@@ -377,6 +387,7 @@ def test_cronjob_fallback_submits_nightly_to_the_long_lived_cluster():
         "nightly",
         "--config",
         "jobs/configs/nightly.yaml",
+        *S3_SETS,
     ]
 
 

@@ -1,0 +1,197 @@
+"""Nightly retraining on a real local Ray and MLflow: first run trains and promotes, a second run
+the same day is a no-op, new shards are found and fine-tuned on, a failing run leaves the
+champion alone, and a second run while one holds the lock is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.data.shards import Manifest, ShardInfo, dataset_digest
+from pipeline.data.sources import WriteOptions, prepare_digits
+from pipeline.nightly import (
+    DATE_TAG,
+    DECISION_TAG,
+    KIND_TAG,
+    NightlyError,
+    NightlyLock,
+    run_nightly,
+)
+from pipeline.registry import LockSettings, aliases_of
+
+REPO = Path(__file__).resolve().parents[2]
+NIGHTLY_CONFIG = REPO / "jobs" / "configs" / "nightly.yaml"
+DAY = "2026-11-28"
+
+pytestmark = pytest.mark.slow
+
+
+def append_train_shard(uri: str) -> str:
+    """New labelled data arrives: a new train shard (yesterday's images shifted by a pixel) and
+    a manifest that lists it, as an ingestion job would write them."""
+    root = Path(uri)
+    manifest = Manifest.model_validate_json((root / "manifest.json").read_text())
+    train = manifest.splits["train"]
+    table = pq.read_table(root / train.shards[0].path)
+    spec = manifest.image
+    h, w, c = spec.height, spec.width, spec.channels
+    assert spec.encoding == "raw"
+    images = [
+        np.roll(np.frombuffer(b, np.uint8).reshape(h, w, c), 1, axis=1).tobytes()
+        for b in table.column("image").to_pylist()
+    ]
+    new = pa.table(
+        {
+            "image": pa.array(images, pa.binary()),
+            "label": table.column("label"),
+            "id": pa.array([f"shifted-{i}" for i in table.column("id").to_pylist()]),
+        },
+        schema=table.schema,
+    )
+    path = "train/part-nightly-00001.parquet"
+    pq.write_table(new, root / path)
+    blob = (root / path).read_bytes()
+    train.shards.append(
+        ShardInfo(
+            path=path, rows=new.num_rows, bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest()
+        )
+    )
+    train.rows += new.num_rows
+    counts = np.bincount(new.column("label").to_numpy(), minlength=manifest.num_classes)
+    train.class_counts = [a + int(b) for a, b in zip(train.class_counts, counts, strict=True)]
+    manifest.digest = dataset_digest(manifest.splits)
+    (root / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = tmp_path / "digits"
+    prepare_digits(WriteOptions(out=str(data)))
+    overrides = [
+        f"data.uri={data}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.epochs=3",
+        "nightly.epochs=2",
+        "scaling.num_workers=1",
+        "registry.class_floor=0.0",
+        "registry.model_name=nightly-model",
+    ]
+    return tmp_path, data, overrides
+
+
+def nightly_runs(client: MlflowClient) -> list:
+    exp = client.get_experiment_by_name("digits")
+    return client.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'nightly'")
+
+
+def report_of(client: MlflowClient, run_id: str, tmp: Path) -> dict:
+    local = client.download_artifacts(run_id, "nightly/report.json", str(tmp))
+    return json.loads(Path(local).read_text())
+
+
+def test_nightly_trains_promotes_skips_and_fine_tunes_on_new_shards(ray_session, setup):
+    tmp, data, overrides = setup
+    cfg = load_config(NIGHTLY_CONFIG, overrides)
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+
+    # 1. No champion yet: train from scratch, the first version becomes champion.
+    first = run_nightly(cfg, date=DAY)
+    assert first.decision == "promoted", first.reason
+    assert first.init == "scratch" and first.candidate_version == "1"
+    assert aliases_of(client, "nightly-model")["champion"] == "1"
+    assert first.data is not None and first.data.champion_digest is None
+
+    # 2. Same day again: nothing happens.
+    second = run_nightly(cfg, date=DAY)
+    assert second.decision == "skipped"
+    assert len(client.search_model_versions("name = 'nightly-model'")) == 1
+    assert len(nightly_runs(client)) == 1
+
+    # 3. A new day with the same data: nothing new to train on.
+    quiet = run_nightly(cfg, date="2026-11-29")
+    assert quiet.decision == "no-new-data"
+    assert quiet.data.new_shards == [] and quiet.champion_after == "1"
+    assert len(client.search_model_versions("name = 'nightly-model'")) == 1
+
+    # 4. New shards arrive; a forced run fine-tunes the champion on them.
+    added = append_train_shard(str(data))
+    forced = run_nightly(cfg, date="2026-11-29", force=True)
+    assert forced.data.new_shards == [added] and forced.data.new_rows > 0
+    assert forced.data.removed_shards == []
+    assert forced.init == "models:/nightly-model/1"
+    assert forced.candidate_version == "2"
+    assert forced.decision in ("promoted", "refused")
+    expected = "2" if forced.decision == "promoted" else "1"
+    assert aliases_of(client, "nightly-model")["champion"] == expected
+    train_run = client.get_run(forced.training_run_id)
+    assert train_run.data.params["model.weights"] == "models:/nightly-model/1"
+    assert train_run.data.params["train.epochs"] == "2"  # nightly.epochs when fine-tuning
+
+    # The report, as an MLflow artifact of the nightly run.
+    report = report_of(client, forced.nightly_run_id, tmp)
+    assert report["decision"] == forced.decision
+    assert report["data"]["new_shards"] == [added]
+    assert report["promotion"]["candidate"]["version"] == "2"
+    run = client.get_run(forced.nightly_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[DECISION_TAG] == forced.decision
+    assert run.data.tags[DATE_TAG] == "2026-11-29"
+    md = client.download_artifacts(forced.nightly_run_id, "nightly/report.md", str(tmp))
+    assert added in Path(md).read_text()
+
+
+def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(ray_session, setup):
+    tmp, _, overrides = setup
+    cfg = load_config(NIGHTLY_CONFIG, overrides)
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    assert run_nightly(cfg, date=DAY).decision == "promoted"
+
+    # A worker dies mid-training with no retries left: the run fails, the champion stays.
+    failing = load_config(NIGHTLY_CONFIG, [*overrides, "run.max_failures=0", "run.fail_at_epoch=0"])
+    with pytest.raises(NightlyError, match="champion unchanged: v1"):
+        run_nightly(failing, date="2026-11-30", force=True)
+    assert aliases_of(client, "nightly-model")["champion"] == "1"
+    failed = [r for r in nightly_runs(client) if r.data.tags[DATE_TAG] == "2026-11-30"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert failed[0].data.tags[DECISION_TAG] == "failed"
+    report = report_of(client, failed[0].info.run_id, tmp)
+    assert report["error"] and report["champion_after"] == "1"
+
+    # While another nightly run holds the lock, a second one (a real CLI process) is refused at
+    # once and changes nothing.
+    lock = LockSettings(timeout_s=10.0, ttl_s=120.0, settle_s=1.0)
+    with NightlyLock(client, "nightly-model", lock):
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "pipeline"),
+                "nightly",
+                "--config",
+                str(NIGHTLY_CONFIG),
+                "--date",
+                "2026-12-01",
+                "--force",
+                *[arg for o in overrides for arg in ("--set", o)],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert "another nightly run is in progress" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not [r for r in nightly_runs(client) if r.data.tags[DATE_TAG] == "2026-12-01"]
+    assert aliases_of(client, "nightly-model")["champion"] == "1"
+    assert len(client.search_model_versions("name = 'nightly-model'")) == 1
