@@ -866,6 +866,15 @@ def submit_command(
     wait: Annotated[
         bool, typer.Option("--wait", help="Stream the job's log; exit 0 only if it succeeds.")
     ] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Search name (tune only; the same name resumes).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Nightly only: run even if done today / nothing new.")
+    ] = False,
+    date: Annotated[
+        str | None, typer.Option("--date", help="Nightly only: the day it counts for (YYYY-MM-DD).")
+    ] = None,
 ) -> None:
     """Run train, tune or nightly as a job on a Ray cluster; prints the submission id."""
     from pipeline import cluster
@@ -882,8 +891,25 @@ def submit_command(
         files["--space"] = space
     elif space is not None:
         raise ConfigError(f"--space is for tune only, not {command.value}")
-    job_env = cluster.job_env(cluster.parse_env(env))
     args = [arg for pair in overrides or [] for arg in ("--set", pair)]
+    if name is not None:
+        if command is not SubmittedCommand.tune:
+            raise ConfigError(f"--name is for tune only, not {command.value}")
+        args += ["--name", name]
+    if force or date is not None:
+        if command is not SubmittedCommand.nightly:
+            raise ConfigError(f"--force and --date are for nightly only, not {command.value}")
+        if date is not None:
+            from datetime import date as _date
+
+            try:
+                _date.fromisoformat(date)
+            except ValueError:
+                raise ConfigError(f"--date {date!r}: expected YYYY-MM-DD") from None
+            args += ["--date", date]
+        if force:
+            args.append("--force")
+    job_env = cluster.job_env(cluster.parse_env(env))
     spec = cluster.JobSpec(command.value, args, files)
     client = cluster.connect(address)
     for note in cluster.remote_caveats(cfg, job_env):

@@ -752,6 +752,18 @@ def _search(cfg, space: SearchSpace, manifest, summary_base: dict, console: Cons
             grid = tuner.fit()
         except (ray.exceptions.RayError, tune.TuneError) as exc:
             raise TuneError(f"search {name!r} failed: {exc}") from exc
+    # Ctrl-C (SIGINT) makes Tune save its state and return early with trials unfinished.
+    unfinished = [
+        t.trial_id
+        for t in grid._experiment_analysis.trials
+        if t.status not in ("TERMINATED", "ERROR")
+    ]
+    if unfinished:
+        raise TuneError(
+            f"search {name!r} was interrupted with {len(unfinished)} trial(s) unfinished; its "
+            f"state is saved in {storage.uri.rstrip('/')}/{name}: run the same command (same "
+            "--name) to resume it"
+        )
     return _finish(cfg, space, grid, summary_base, console)
 
 

@@ -230,8 +230,19 @@ def test_invalid_config_is_refused_before_contacting_the_cluster(tmp_path):
         ("tune", ["--space", "nowhere.yaml"], "nowhere.yaml"),
         ("nightly", ["--space", "space.yaml"], "--space is for tune only"),
         ("train", ["--env", "NO SPACES=1"], "expected NAME=VALUE"),
+        ("train", ["--name", "s1"], "--name is for tune only"),
+        ("train", ["--force"], "--force and --date are for nightly only"),
+        ("nightly", ["--date", "28/11/2026"], "expected YYYY-MM-DD"),
     ],
-    ids=["tune-without-space", "missing-space-file", "space-for-nightly", "bad-env"],
+    ids=[
+        "tune-without-space",
+        "missing-space-file",
+        "space-for-nightly",
+        "bad-env",
+        "name-for-train",
+        "force-for-train",
+        "bad-date",
+    ],
 )
 def test_bad_submit_options_are_refused_here(tmp_path, command, extra, expected):
     result = pipeline(
@@ -240,6 +251,13 @@ def test_bad_submit_options_are_refused_here(tmp_path, command, extra, expected)
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert expected in " ".join(result.stderr.split()) and "cannot reach" not in result.stderr
+
+
+def test_nightly_and_tune_options_reach_the_entrypoint():
+    nightly = cluster.JobSpec("nightly", ["--date", "2026-11-28", "--force"], {})
+    assert nightly.entrypoint().endswith("jobs/nightly.py --date 2026-11-28 --force")
+    tune = cluster.JobSpec("tune", ["--name", "s1"], {})
+    assert tune.entrypoint().endswith("jobs/tune.py --name s1")
 
 
 def test_working_dir_ships_code_and_config_but_no_local_state(tmp_path):

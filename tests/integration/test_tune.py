@@ -4,8 +4,11 @@ best trial's model is registered, and a bad search space fails before any trial 
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,71 @@ def test_bad_search_space_fails_before_anything_starts(tmp_path, digits_uri):
     assert "space.train.momentum: uniform needs low < high" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_interrupted_search_resumes_under_the_same_name(tmp_path, digits_uri):
+    """Ctrl-C in the middle of an Optuna search, then the same command again: the search
+    finishes with each trial once, each epoch logged once, one model registered."""
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "num_samples: 3\n"
+        "max_concurrent_trials: 1\n"
+        "search: optuna\n"
+        "scheduler: none\n"
+        "space:\n"
+        "  train.lr: {loguniform: [0.01, 0.1]}\n"
+    )
+    command = [
+        str(Path(sys.executable).parent / "pipeline"),
+        "tune",
+        "--config",
+        str(DIGITS_CONFIG),
+        "--space",
+        str(space),
+        "--name",
+        "resumable",
+        *("--set", f"data.uri={digits_uri}"),
+        *("--set", f"run.storage_path={tmp_path / 'runs'}"),
+        *("--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"),
+        *("--set", "train.epochs=2"),
+        *("--set", "scaling.num_workers=1"),
+        *("--set", "registry.model_name=resumed"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    experiment = tmp_path / "runs" / "resumable"
+    deadline = time.monotonic() + 600
+    while not any(
+        '"epochs_done": 2' in p.read_text() for p in experiment.glob("*/result.json")
+    ):  # the first trial has finished its last epoch
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "no trial finished in 10 minutes"
+        time.sleep(1)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 2, stderr
+    assert "was interrupted" in stderr and "to resume" in stderr
+
+    second = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert second.returncode == 0, second.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("digits").experiment_id],
+        "tags.`pipeline.kind` = 'tune'",
+    )
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["pipeline.completed"] == "true"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 3
+    assert len({c.data.tags[TRIAL_TAG] for c in children}) == 3
+    for child in children:
+        assert child.data.tags[TRIAL_STATE_TAG] == "completed"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert sorted(steps) == [0, 1], steps  # no epoch logged twice
+    assert len(client.search_model_versions("name = 'resumed'")) == 1
