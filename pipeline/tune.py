@@ -530,20 +530,28 @@ class TuneSummary:
         return f"{base} (run {self.parent_run_id})"
 
 
-def _concurrency(cfg: PipelineConfig, space: SearchSpace) -> int:
-    """Trials at once: as given, else as many training runs as the cluster's CPUs (GPUs) hold
-    side by side, one CPU left for Ray Data."""
+def _concurrency(cfg: PipelineConfig, space: SearchSpace, console: Console) -> int:
+    """Trials at once: as many training runs as the cluster's CPUs (GPUs) hold side by side with
+    one CPU left for Ray Data, or fewer if asked. More would never start, or would leave Ray Data
+    no CPU to read with, and the search would hang."""
     import ray
 
-    if space.settings.max_concurrent_trials:
-        return space.settings.max_concurrent_trials
     resources = ray.cluster_resources()
     per_trial_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_FN_CPU
-    n = int((resources.get("CPU", 1) - 1) // per_trial_cpu)
+    fits = int((resources.get("CPU", 1) - 1) // per_trial_cpu)
     if cfg.scaling.use_gpu:
         per_trial_gpu = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
-        n = min(n, int(resources.get("GPU", 0) // per_trial_gpu)) if per_trial_gpu else n
-    return max(1, min(n, space.total_trials()))
+        fits = min(fits, int(resources.get("GPU", 0) // per_trial_gpu)) if per_trial_gpu else fits
+    fits = max(1, fits)
+    wanted = space.settings.max_concurrent_trials
+    if wanted and wanted > fits:
+        console.print(
+            f"[yellow]note:[/] max_concurrent_trials={wanted} lowered to {fits}: the cluster has "
+            f"{resources.get('CPU', 0):g} CPUs, each trial's workers take {per_trial_cpu:g} and "
+            "Ray Data needs one more",
+            highlight=False,
+        )
+    return max(1, min(wanted or fits, fits, space.total_trials()))
 
 
 def _open_parent(cfg, name: str, space: SearchSpace, manifest) -> tuple[str, str, bool]:
@@ -690,7 +698,7 @@ def _search(cfg, space: SearchSpace, manifest, summary_base: dict, console: Cons
     name, parent_id = summary_base["name"], summary_base["parent_run_id"]
     wanted = space.settings.max_concurrent_trials or 1
     init_ray(cfg, concurrent_runs=wanted, extra_cpus=wanted * TRIAL_FN_CPU)
-    concurrency = _concurrency(cfg, space)
+    concurrency = _concurrency(cfg, space, console)
     storage = st.resolve(cfg.run.storage_path, cfg.storage)
     if storage.is_s3:
         st.check_bucket(storage.uri, cfg.storage)
@@ -777,21 +785,27 @@ def _fail_parent(cfg: PipelineConfig, parent_id: str) -> None:
 # After the search: states, the table, the plot, the best model
 
 
-def _trial_rows(cfg: PipelineConfig, space: SearchSpace, grid, children: dict) -> list[TrialRow]:
+def _trial_rows(
+    cfg: PipelineConfig, space: SearchSpace, grid, children: dict, client
+) -> list[TrialRow]:
+    """One row per trial. Epochs and metric values come from the trial's MLflow run: a stopped
+    trial may finish (and log) one more epoch between its last report and Tune's stop."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        history = result.metrics_dataframe
-        values = []
-        if history is not None and space.metric in history:
-            values = [float(v) for v in history[space.metric].dropna()]
-        epochs = int(metrics.get("epochs_done", 0))
+        child = children.get(trial_id)
+        values: list[float] = []
+        if child is not None:
+            history = client.get_metric_history(child.info.run_id, space.metric)
+            values = [m.value for m in sorted(history, key=lambda m: m.step)]
+        elif result.metrics_dataframe is not None and space.metric in result.metrics_dataframe:
+            values = [float(v) for v in result.metrics_dataframe[space.metric].dropna()]
+        epochs = max(int(metrics.get("epochs_done", 0)), len(values))
         state = "completed" if epochs >= cfg.train.epochs else "stopped"
         if result.error is not None:
             state = "error"
         best = (max(values) if space.mode == "max" else min(values)) if values else None
-        child = children.get(trial_id)
         rows.append(
             TrialRow(
                 trial_id=trial_id,
@@ -826,7 +840,7 @@ def _finish(cfg, space: SearchSpace, grid, summary_base: dict, console: Console)
             [summary_base["experiment_id"]], f"tags.`{PARENT_TAG}` = '{parent_id}'"
         )
     }
-    rows = _trial_rows(cfg, space, grid, children)
+    rows = _trial_rows(cfg, space, grid, children, client)
     status = {"completed": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
     for row in rows:
         if row.run_id is None:

@@ -125,7 +125,8 @@ def ray_session(s3_server):
     from pipeline.config import load_config
     from pipeline.train.trainer import init_ray
 
-    init_ray(load_config(None, ["scaling.num_cpus=3"]))
+    # 4 CPU slots (not cores): two 1-worker Tune trials side by side plus one for Ray Data.
+    init_ray(load_config(None, ["scaling.num_cpus=4"]))
     yield
     ray.shutdown()
 

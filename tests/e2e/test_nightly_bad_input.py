@@ -1,0 +1,70 @@
+"""`pipeline nightly` refuses bad input with one clear message, and touches nothing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+
+
+def nightly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [PIPELINE, "nightly", "--config", str(REPO / "jobs" / "configs" / "nightly.yaml")]
+    base = [
+        f"data.uri={tmp_path / 'digits'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    for o in base:
+        command += ["--set", o]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "registry.model_name="], "registry.model_name is not set"),
+        (["--set", "tracking.log_model=false"], "tracking.log_model is false"),
+        (["--set", "nightly.init=warm"], "nightly.init"),
+        (["--set", "nightly.epochs=0"], "nightly.epochs"),
+        (["--date", "tomorrow"], "--date 'tomorrow': expected YYYY-MM-DD"),
+        (
+            [
+                "--set",
+                f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}",
+                "--set",
+                "tracking.timeout_s=2",
+            ],
+            "127.0.0.1",
+        ),
+        (["--set", "data.prepare=", "--set", "data.uri=/nonexistent/dataset"], "no manifest.json"),
+    ],
+    ids=[
+        "no-model-name",
+        "no-model-logged",
+        "bad-init",
+        "zero-epochs",
+        "bad-date",
+        "mlflow-down",
+        "no-dataset",
+    ],
+)
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path, args, expected):
+    result = nightly(tmp_path, *args)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
