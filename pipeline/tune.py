@@ -646,6 +646,9 @@ def _scheduler(space: SearchSpace, max_epochs: int):
         grace_period=a.grace_period,
         reduction_factor=a.reduction_factor,
         brackets=a.brackets,
+        # ASHA would otherwise stop a trial at its last report (epochs_done == max_t), killing it
+        # before it evaluates the test split and logs its model.
+        stop_last_trials=False,
     )
 
 
@@ -760,17 +763,16 @@ def _search(cfg, space: SearchSpace, manifest, summary_base: dict, console: Cons
             grid = tuner.fit()
         except (ray.exceptions.RayError, tune.TuneError) as exc:
             raise TuneError(f"search {name!r} failed: {exc}") from exc
-    # Ctrl-C (SIGINT) makes Tune save its state and return early with trials unfinished.
-    unfinished = [
-        t.trial_id
-        for t in grid._experiment_analysis.trials
-        if t.status not in ("TERMINATED", "ERROR")
-    ]
-    if unfinished:
+    # Ctrl-C (SIGINT) makes Tune save its state and return early: trials unfinished, or not
+    # yet sampled (only a time budget may legitimately end a search short of its samples).
+    trials = grid._experiment_analysis.trials
+    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    unsampled = space.total_trials() - len(trials)
+    if unfinished or (unsampled > 0 and not space.settings.time_budget_s):
         raise TuneError(
-            f"search {name!r} was interrupted with {len(unfinished)} trial(s) unfinished; its "
-            f"state is saved in {storage.uri.rstrip('/')}/{name}: run the same command (same "
-            "--name) to resume it"
+            f"search {name!r} was interrupted with {unfinished + max(unsampled, 0)} trial(s) "
+            f"unfinished; its state is saved in {storage.uri.rstrip('/')}/{name}: run the same "
+            "command (same --name) to resume it"
         )
     return _finish(cfg, space, grid, summary_base, console)
 

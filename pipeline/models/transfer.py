@@ -49,11 +49,13 @@ def _is_head(key: str, head_prefix: str) -> bool:
     return key == head_prefix or key.startswith(head_prefix + ".")
 
 
-def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(source: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
     if source.startswith(MLFLOW_SCHEMES):
         import mlflow.pytorch  # heavy import, only when an MLflow URI is given
         from mlflow.exceptions import MlflowException
 
+        if tracking_uri:  # workers do not inherit the driver's MLflow settings
+            mlflow.set_tracking_uri(tracking_uri)
         try:
             model = mlflow.pytorch.load_model(source, map_location="cpu")
         except MlflowException as exc:
@@ -76,13 +78,15 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, source: str, *, head_prefix: str = "fc") -> LoadReport:
+def load_weights(
+    model: nn.Module, source: str, *, head_prefix: str = "fc", tracking_uri: str | None = None
+) -> LoadReport:
     """Load matching tensors from a state dict file or an MLflow model URI into `model`.
 
     Raises FileNotFoundError for a missing file, and ValueError for a shape mismatch outside the
     head or when no key matches at all (probably another architecture).
     """
-    state = _read_state_dict(source)
+    state = _read_state_dict(source, tracking_uri)
     target = model.state_dict()
     report = LoadReport(source=source)
     to_load: dict[str, torch.Tensor] = {}

@@ -75,7 +75,7 @@ def model_for(cfg: PipelineConfig, manifest: Manifest) -> nn.Module:
         image_size=max(h, w),
     )
     if cfg.model.weights:
-        load_weights(model, cfg.model.weights)
+        load_weights(model, cfg.model.weights, tracking_uri=cfg.tracking.resolved_uri())
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
     return model

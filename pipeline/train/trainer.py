@@ -108,7 +108,36 @@ def preflight(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
             f"{per_worker_batch(cfg)}; lower the batch size"
         )
     tracking.check_tracking_server(cfg.tracking.resolved_uri(), cfg.tracking.timeout_s)
+    if weights and weights.startswith(("models:/", "runs:/")):
+        _check_mlflow_weights(weights, cfg.tracking.resolved_uri())
     return manifest
+
+
+def _check_mlflow_weights(uri: str, tracking_uri: str) -> None:
+    """model.weights names an MLflow model: it must exist before any worker tries to load it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    ref = uri.split(":/", 1)[1].strip("/")
+    try:
+        if uri.startswith("runs:/"):
+            client.get_run(ref.split("/", 1)[0])
+        elif "@" in ref:
+            name, alias = ref.split("@", 1)
+            client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            client.get_model_version(name, version)
+        else:
+            raise TrainingError(
+                f"model.weights: {uri}: name a version or alias (models:/NAME/3, "
+                "models:/NAME@champion)"
+            )
+    except MlflowException as exc:
+        raise TrainingError(
+            f"model.weights: {uri}: not found at {tracking_uri} ({exc.message})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

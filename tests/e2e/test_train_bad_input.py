@@ -42,8 +42,16 @@ def closed_port() -> int:
             [f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}", "tracking.timeout_s=2"],
             "127.0.0.1",
         ),
+        (["model.weights=models:/no-such-model/1"], "model.weights: models:/no-such-model/1"),
     ],
-    ids=["unknown-model", "negative-lr", "batch-below-workers", "no-manifest", "mlflow-down"],
+    ids=[
+        "unknown-model",
+        "negative-lr",
+        "batch-below-workers",
+        "no-manifest",
+        "mlflow-down",
+        "unknown-weights",
+    ],
 )
 def test_bad_input_fails_before_workers(tmp_path, overrides, expected):
     result = train(tmp_path, *overrides)
