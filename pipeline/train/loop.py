@@ -99,6 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     manifest = Manifest.model_validate(loop_config["manifest"])
     progress = loop_config.get("progress")
 
+    entered = time.time()  # startup timeline (rank 0 logs it): worker up, DDP ready
     # (1) who am I, where do I run
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -112,6 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     groups = parameter_groups(model, cfg.train.weight_decay, cfg.model.backbone_lr_scale)
     # (2) DDP
     model = ray.train.torch.prepare_model(model)
+    ddp_ready = time.time()
     optimizer = build_optimizer(cfg.train, groups)
     steps = steps_per_epoch(cfg, manifest)
     scheduler = build_scheduler(cfg.train, optimizer, steps)
@@ -139,7 +141,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tracker = _RankZeroTracker(cfg, state.mlflow_run_id) if rank == 0 else None
     if tracker is not None:
-        tracker.startup = loop_config.get("startup", {})
+        started_at = loop_config.get("started_at", entered)
+        tracker.startup = {
+            **loop_config.get("startup", {}),
+            "startup_worker_entered_s": entered - started_at,
+            "startup_ddp_ready_s": ddp_ready - started_at,
+        }
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch = per_worker_batch(cfg)
