@@ -36,7 +36,7 @@ from pipeline.registry import (
     mlflow_errors,
 )
 
-KIND_TAG = "pipeline.kind"
+KIND_TAG = "pipeline.kind"  # as pipeline.train.trainer.KIND_TAG (this module stays import-light)
 DATE_TAG = "pipeline.nightly_date"
 DECISION_TAG = "pipeline.nightly_decision"
 NIGHTLY_LOCK_TAG = "pipeline.nightly_lock"

@@ -48,7 +48,7 @@ from pipeline.config import (
 SEARCH_TAG = "pipeline.search"
 TRIAL_TAG = "pipeline.trial_id"
 TRIAL_STATE_TAG = "pipeline.trial_state"  # completed | stopped | error
-KIND_TAG = "pipeline.kind"
+KIND_TAG = "pipeline.kind"  # as pipeline.train.trainer.KIND_TAG (this module stays import-light)
 PARENT_TAG = "mlflow.parentRunId"
 
 # Metrics every epoch reports (pipeline/train/loop.py); the search optimises one of them.
@@ -555,71 +555,38 @@ def _concurrency(cfg: PipelineConfig, space: SearchSpace, console: Console) -> i
 
 
 def _open_parent(cfg, name: str, space: SearchSpace, manifest) -> tuple[str, str, bool]:
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from pipeline.train.trainer import open_mlflow_run
 
-    from pipeline import tracking
-    from pipeline.train.loop import COMPLETED_TAG
-    from pipeline.train.trainer import RUN_NAME_TAG
-
-    uri = cfg.tracking.resolved_uri()
-    client = MlflowClient(uri)
-    existing = None
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        found = client.search_runs(
-            [exp.experiment_id],
-            f"tags.`{RUN_NAME_TAG}` = '{name}' and tags.`{KIND_TAG}` = 'tune'",
-            max_results=1,
-        )
-        existing = found[0] if found else None
-    tags = {
-        **tracking.standard_tags(),
-        RUN_NAME_TAG: name,
-        KIND_TAG: "tune",
-        SEARCH_TAG: name,
-        "pipeline.dataset_digest": manifest.digest,
-        "pipeline.config_digest": cfg.digest(),
-    }
-    run_id = tracking.start_or_resume_run(
-        uri,
-        cfg.tracking.experiment,
-        run_id=existing.info.run_id if existing else None,
-        run_name=name,
-        tags=tags,
+    # The base config, with each searched field shown as its distribution.
+    params = flatten(cfg.to_dict())
+    params.update({p.path: p.describe() for p in space.params})
+    s = space.settings
+    params.update(
+        {
+            "tune.metric": space.metric,
+            "tune.mode": space.mode,
+            "tune.num_samples": s.num_samples,
+            "tune.search": s.search,
+            "tune.scheduler": s.scheduler,
+            "tune.seed": s.seed,
+            "tune.time_budget_s": s.time_budget_s,
+            "tune.max_concurrent_trials": s.max_concurrent_trials,
+        }
     )
-    completed = existing is not None and existing.data.tags.get(COMPLETED_TAG) == "true"
-    if not completed:
-        # The base config, with each searched field shown as its distribution.
-        params = flatten(cfg.to_dict())
-        params.update({p.path: p.describe() for p in space.params})
-        params.update(
-            {
-                "tune.metric": space.metric,
-                "tune.mode": space.mode,
-                "tune.num_samples": space.settings.num_samples,
-                "tune.search": space.settings.search,
-                "tune.scheduler": space.settings.scheduler,
-                "tune.seed": space.settings.seed,
-                "tune.time_budget_s": space.settings.time_budget_s,
-                "tune.max_concurrent_trials": space.settings.max_concurrent_trials,
-            }
-        )
-        if space.settings.scheduler == "asha":
-            params["tune.asha.grace_period"] = space.settings.asha.grace_period
-            params["tune.asha.reduction_factor"] = space.settings.asha.reduction_factor
-        tracking.log_params_flat(params)
-        tracking.log_dataset_input(
-            cfg.data.uri,
-            manifest.digest,
-            manifest.name,
-            num_rows={s: i.rows for s, i in manifest.splits.items()},
-        )
-        mlflow.log_text(yaml.safe_dump(space.settings.model_dump(), sort_keys=False), "space.yaml")
-        mlflow.log_text(cfg.to_yaml(), "config.yaml")
-    experiment_id = mlflow.get_run(run_id).info.experiment_id
-    mlflow.end_run()
-    return run_id, experiment_id, completed
+    if s.scheduler == "asha":
+        params["tune.asha.grace_period"] = s.asha.grace_period
+        params["tune.asha.reduction_factor"] = s.asha.reduction_factor
+    return open_mlflow_run(
+        cfg,
+        name,
+        manifest,
+        tags={KIND_TAG: "tune", SEARCH_TAG: name},
+        params=params,
+        texts={
+            "space.yaml": yaml.safe_dump(s.model_dump(), sort_keys=False),
+            "config.yaml": cfg.to_yaml(),
+        },
+    )
 
 
 def _searcher(space: SearchSpace, concurrency: int):

@@ -115,6 +115,16 @@ def s3_uri(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
+def digits_uri(tmp_path_factory) -> str:
+    """The bundled digits as a local dataset, written once; tests that change data copy it."""
+    from pipeline.data.sources import WriteOptions, prepare_digits
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    prepare_digits(WriteOptions(out=str(out)))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for the whole test session (its daemons cost a share of 2 cores).
 

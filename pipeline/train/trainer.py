@@ -249,12 +249,24 @@ def _scaling_config(cfg: PipelineConfig):
 # MLflow run of a training run
 
 
+KIND_TAG = "pipeline.kind"  # train (default), tune (a search's parent run), trial, nightly
+
+
 def open_mlflow_run(
-    cfg: PipelineConfig, run_name: str, manifest: Manifest, tags: dict[str, str] | None = None
+    cfg: PipelineConfig,
+    run_name: str,
+    manifest: Manifest,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    texts: dict[str, str] | None = None,
 ) -> tuple[str, str, bool]:
     """Find the MLflow run of `run_name` (to resume) or create it: (run_id, exp_id, completed).
 
-    `tags` are added to the standard ones (a Tune trial adds its parent run and trial id)."""
+    `tags` are added to the standard ones (a Tune trial adds its parent run and trial id); a
+    `pipeline.kind` tag among them also narrows the search for an existing run. On a run not yet
+    completed, `params` (flat; default: the flattened config), the dataset input, its manifest
+    and `texts` ({artifact path: text}) are logged.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -265,9 +277,10 @@ def open_mlflow_run(
     existing = None
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
-        found = client.search_runs(
-            [exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-        )
+        query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+        if tags and KIND_TAG in tags:
+            query += f" and tags.`{KIND_TAG}` = '{tags[KIND_TAG]}'"
+        found = client.search_runs([exp.experiment_id], query, max_results=1)
         existing = found[0] if found else None
     tags = {
         **tracking.standard_tags(),
@@ -285,7 +298,7 @@ def open_mlflow_run(
     )
     completed = existing is not None and existing.data.tags.get(COMPLETED_TAG) == "true"
     if not completed:
-        tracking.log_params_flat(cfg.to_dict())
+        tracking.log_params_flat(params if params is not None else cfg.to_dict())
         tracking.log_dataset_input(
             cfg.data.uri,
             manifest.digest,
@@ -294,6 +307,8 @@ def open_mlflow_run(
         )
         # The exact shard list trained on: `pipeline nightly` diffs it against today's data.
         mlflow.log_dict(manifest.model_dump(mode="json"), MANIFEST_ARTIFACT)
+        for path, text in (texts or {}).items():
+            mlflow.log_text(text, path)
     experiment_id = mlflow.get_run(run_id).info.experiment_id
     mlflow.end_run()  # rank 0 re-opens it; `pipeline.completed` (not the status) marks the end
     return run_id, experiment_id, completed

@@ -19,13 +19,6 @@ DIGITS_CONFIG = REPO / "jobs" / "configs" / "digits.yaml"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def digits_uri(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    prepare_digits(WriteOptions(out=str(out)))
-    return str(out)
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

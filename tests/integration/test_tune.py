@@ -15,7 +15,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.data.sources import WriteOptions, prepare_digits
 from pipeline.tune import (
     PARENT_TAG,
     SEARCH_TAG,
@@ -29,13 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = REPO / "jobs" / "configs" / "digits.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def digits_uri(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    prepare_digits(WriteOptions(out=str(out)))
-    return str(out)
 
 
 def test_asha_search_records_the_hierarchy_and_registers_the_best_trial(
