@@ -37,7 +37,8 @@ MLFLOW_ARTIFACTS ?= ./mlartifacts
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 mlflow: $(STAMP)
-	$(BIN)/pipeline server mlflow --backend-store-uri '$(MLFLOW_BACKEND)' \
+	@# (not echoed: the backend URI may hold a password)
+	@$(BIN)/pipeline server mlflow --backend-store-uri '$(MLFLOW_BACKEND)' \
 		--artifacts-destination '$(MLFLOW_ARTIFACTS)' --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean-venv:

@@ -771,6 +771,10 @@ def server_mlflow(
         f"artifacts {artifacts_destination}); clients: MLFLOW_TRACKING_URI=http://{host}:{port}",
         highlight=False,
     )
+    at = cmd.index("--backend-store-uri")
+    if masked_uri(cmd[at + 1]) != cmd[at + 1]:  # a password: keep it out of `ps` (mlflow's env)
+        os.environ["MLFLOW_BACKEND_STORE_URI"] = cmd[at + 1]
+        del cmd[at : at + 2]
     os.execv(cmd[0], cmd)
 
 
