@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,31 @@ def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(ray_sessi
     assert not [r for r in nightly_runs(client) if r.data.tags[DATE_TAG] == "2026-12-01"]
     assert aliases_of(client, "nightly-model")["champion"] == "1"
     assert len(client.search_model_versions("name = 'nightly-model'")) == 1
+
+    # Two real nightly processes started together: exactly one proceeds (and trains), the other
+    # is refused.
+    command = [
+        str(Path(sys.executable).parent / "pipeline"),
+        "nightly",
+        "--config",
+        str(NIGHTLY_CONFIG),
+        "--date",
+        "2026-12-02",
+        "--force",  # both want to train (without it the second would wait, then skip the day)
+        *[arg for o in overrides for arg in ("--set", o)],
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    racers = [
+        subprocess.Popen(
+            command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outcomes = sorted(
+        ((p.wait(timeout=600), p.communicate()[1]) for p in racers), key=lambda o: o[0]
+    )
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    assert "another nightly run is in progress" in outcomes[1][1]
+    day = [r for r in nightly_runs(client) if r.data.tags[DATE_TAG] == "2026-12-02"]
+    assert len(day) == 1 and day[0].info.status == "FINISHED"
+    assert len(client.search_model_versions("name = 'nightly-model'")) == 2
