@@ -17,6 +17,7 @@ champion is only ever moved by step 5, under the promotion lock, so a failure le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -35,8 +36,8 @@ from pipeline.registry import (
     aliases_of,
     mlflow_errors,
 )
+from pipeline.tags import KIND_TAG
 
-KIND_TAG = "pipeline.kind"  # as pipeline.train.trainer.KIND_TAG (this module stays import-light)
 DATE_TAG = "pipeline.nightly_date"
 DECISION_TAG = "pipeline.nightly_decision"
 NIGHTLY_LOCK_TAG = "pipeline.nightly_lock"
@@ -140,6 +141,7 @@ def _v(version: str | None) -> str:
 def _champion_data(client, name: str, version: str) -> tuple[str | None, dict[str, str] | None]:
     """(dataset digest, {shard path: sha256} or None) of the data the champion trained on."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from pipeline.train.trainer import MANIFEST_ARTIFACT
 
@@ -158,8 +160,8 @@ def _champion_data(client, name: str, version: str) -> tuple[str | None, dict[st
                 for info in manifest["splits"].values()
                 for s in info["shards"]
             }
-        except Exception:  # an older run without the artifact: the digest alone decides
-            shards = None
+        except (MlflowException, OSError, KeyError):
+            shards = None  # an older run without the artifact: the digest alone decides
     return digest, shards
 
 
@@ -256,14 +258,12 @@ def run_nightly(
     _ensure_registered_model(client, name)
     # Refuse at once when another nightly run holds the lock: waiting would only run it twice.
     settings = lock or LockSettings(timeout_s=10.0, ttl_s=300.0)
-    try:
-        held = NightlyLock(client, name, settings).__enter__()
-    except RegistryError as exc:
-        raise NightlyError(f"another nightly run is in progress: {exc}") from None
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(NightlyLock(client, name, settings))
+        except RegistryError as exc:
+            raise NightlyError(f"another nightly run is in progress: {exc}") from None
         return _locked(cfg, client, manifest, name, date, force, console, started)
-    finally:
-        held.__exit__(None, None, None)
 
 
 def _locked(cfg, client, manifest, name, date, force, console, started) -> NightlyReport:

@@ -44,11 +44,11 @@ from pipeline.config import (
     flatten,
     format_validation_error,
 )
+from pipeline.tags import KIND_TAG
 
 SEARCH_TAG = "pipeline.search"
 TRIAL_TAG = "pipeline.trial_id"
 TRIAL_STATE_TAG = "pipeline.trial_state"  # completed | stopped | error
-KIND_TAG = "pipeline.kind"  # as pipeline.train.trainer.KIND_TAG (this module stays import-light)
 PARENT_TAG = "mlflow.parentRunId"
 
 # Metrics every epoch reports (pipeline/train/loop.py); the search optimises one of them.
@@ -524,10 +524,9 @@ class TuneSummary:
 
     @property
     def run_url(self) -> str:
-        base = self.tracking_uri.rstrip("/")
-        if base.startswith("http"):
-            return f"{base}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
-        return f"{base} (run {self.parent_run_id})"
+        from pipeline.train.trainer import run_link
+
+        return run_link(self.tracking_uri, self.experiment_id, self.parent_run_id)
 
 
 def _concurrency(cfg: PipelineConfig, space: SearchSpace, console: Console) -> int:
@@ -551,7 +550,7 @@ def _concurrency(cfg: PipelineConfig, space: SearchSpace, console: Console) -> i
             "Ray Data needs one more",
             highlight=False,
         )
-    return max(1, min(wanted or fits, fits, space.total_trials()))
+    return min(wanted or fits, fits, space.total_trials())
 
 
 def _open_parent(cfg, name: str, space: SearchSpace, manifest) -> tuple[str, str, bool]:

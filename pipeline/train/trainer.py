@@ -25,6 +25,7 @@ from pipeline import storage as st
 from pipeline.config import PipelineConfig
 from pipeline.data.shards import Manifest, read_manifest
 from pipeline.data.validate import check_shards_present
+from pipeline.tags import KIND_TAG
 from pipeline.train.loop import (
     COMPLETED_TAG,
     model_for,
@@ -57,10 +58,15 @@ class TrainingSummary:
 
     @property
     def run_url(self) -> str:
-        base = self.tracking_uri.rstrip("/")
-        if base.startswith("http"):
-            return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"{base} (run {self.run_id}; browse with `mlflow ui --backend-store-uri {base}`)"
+        return run_link(self.tracking_uri, self.experiment_id, self.run_id)
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a user finds a run: its page on a tracking server, or how to browse a local store."""
+    base = tracking_uri.rstrip("/")
+    if base.startswith("http"):
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base} (run {run_id}; browse with `mlflow ui --backend-store-uri {base}`)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +253,6 @@ def _scaling_config(cfg: PipelineConfig):
 
 # ---------------------------------------------------------------------------------------------
 # MLflow run of a training run
-
-
-KIND_TAG = "pipeline.kind"  # train (default), tune (a search's parent run), trial, nightly
 
 
 def open_mlflow_run(
