@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from pipeline.config import TrackingConfig
-from pipeline.data.ingest import BatchTransform
 from pipeline.data.shards import ImageSpec
+from pipeline.data.transform import BatchTransform
 from pipeline.model_package import (
     META_FILE,
     PREDICTOR_NAME,

@@ -34,7 +34,7 @@ MODEL = "cifar_resnet20"
 
 def in_memory_digits(uri: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """The train split decoded and normalised once, as the in-memory loops get it."""
-    from pipeline.data.ingest import iter_split
+    from pipeline.data.transform import iter_split
     from pipeline.data.shards import read_manifest
 
     manifest = read_manifest(uri)

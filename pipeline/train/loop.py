@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from pipeline.config import PipelineConfig
-from pipeline.data.ingest import BatchTransform, WorkerCache, iter_split
 from pipeline.data.shards import Manifest
+from pipeline.data.transform import BatchTransform, WorkerCache, iter_split
 from pipeline.models.dynamic_conv import set_temperature, temperature_at
 from pipeline.models.transfer import freeze_backbone, load_weights, parameter_groups
 from pipeline.models.zoo import build_model

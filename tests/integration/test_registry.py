@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import PipelineConfig, load_config
-from pipeline.data.ingest import iter_split
+from pipeline.data.transform import iter_split
 from pipeline.data.shards import Manifest
 from pipeline.data.sources import WriteOptions, prepare_digits
 from pipeline.evaluation import evaluate_model

@@ -1,0 +1,137 @@
+"""Decoded pixels to normalised training tensors: the torch side of ingest.
+
+`BatchTransform` is the one preprocessing function (decode -> optional augmentation -> float ->
+normalise with the manifest's statistics). Ray Data runs it in `map_batches` for training and
+validation (through `pipeline.data.ingest.TransformBatches`); `pipeline evaluate`, the test split
+and the serving predictor call it directly, so a model always sees exactly the preprocessing it
+was trained with.
+
+Augmentation is per sample but vectorised over the batch with torchvision's v2 functional ops:
+a padded random crop (random shifts of up to `padding` pixels) and optional flips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline import storage as st
+from pipeline.config import AugmentConfig, StorageConfig
+from pipeline.data.shards import ImageSpec, Manifest, Normalization, decode_images, read_shard
+
+
+@dataclass
+class BatchTransform:
+    """dict(image=encoded bytes, label=int) batch -> dict(image=float32 NCHW, label=int64)."""
+
+    image: ImageSpec
+    normalization: Normalization
+    augment: AugmentConfig | None = None  # None: evaluation (no randomness)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self._gen = torch.Generator()
+        if self.seed is not None:
+            self._gen.manual_seed(self.seed)
+        else:
+            self._gen.seed()
+        self._mean = list(self.normalization.mean)
+        self._std = list(self.normalization.std)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = decode_images(list(batch["image"]), self.image)
+        x = self.to_tensor(pixels)
+        return {"image": x.numpy(), "label": np.array(batch["label"], dtype=np.int64)}
+
+    def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """(N, H, W, C) uint8 -> normalised (N, C, H, W) float32, augmented when configured."""
+        x = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable)).permute(0, 3, 1, 2)
+        if self.augment is not None:
+            x = self._augment(x)
+        x = TF.to_dtype(x, torch.float32, scale=True)
+        return TF.normalize(x, self._mean, self._std).contiguous()
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        aug = self.augment
+        if aug.random_crop_padding > 0:
+            # Pad once, then take each sample's crop at its own random offset (a gather, no loop).
+            p = aug.random_crop_padding
+            padded = TF.pad(x, [p, p, p, p], fill=0)
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=self._gen)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=self._gen)
+            rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+            batch = torch.arange(n)[:, None, None, None]
+            chans = torch.arange(x.shape[1])[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
+        if aug.hflip:
+            flip = torch.rand(n, generator=self._gen) < 0.5
+            x[flip] = TF.horizontal_flip(x[flip])
+        if aug.vflip:
+            flip = torch.rand(n, generator=self._gen) < 0.5
+            x[flip] = TF.vertical_flip(x[flip])
+        return x
+
+
+class WorkerCache:
+    """A worker's decoded shard of a split, kept after the first epoch.
+
+    Every later epoch is served from memory: reshuffled with the epoch's seed (train) or in order
+    (validation, `seed=None`), and augmented and normalised by `transform` as Ray Data would.
+    """
+
+    def __init__(self, transform: BatchTransform) -> None:
+        self.transform = transform
+        self._images: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self.ready = False
+
+    def fill(self, batches) -> Iterator[dict[str, torch.Tensor]]:
+        """Pass the first epoch's uint8 batches through, transformed, while keeping them."""
+        for b in batches:
+            images, labels = b["image"].cpu(), b["label"].cpu()
+            self._images.append(images)
+            self._labels.append(labels)
+            yield {"image": self.transform.to_tensor(images.numpy()), "label": labels}
+        self._all_images = torch.cat(self._images)
+        self._all_labels = torch.cat(self._labels)
+        self._images, self._labels = [], []
+        self.ready = True
+
+    def epoch(
+        self, batch_size: int, seed: int | None, drop_last: bool = True
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self._all_labels)
+        if seed is None:
+            order = torch.arange(n)
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        end = n - batch_size + 1 if drop_last else n
+        for i in range(0, max(end, 0), batch_size):
+            idx = order[i : i + batch_size]
+            x = self.transform.to_tensor(self._all_images[idx].numpy())
+            yield {"image": x, "label": self._all_labels[idx]}
+
+
+def iter_split(
+    uri: str,
+    manifest: Manifest,
+    split: str,
+    *,
+    batch_size: int = 512,
+    storage: StorageConfig | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation batches of a whole split in one process (no Ray): test split, `evaluate`."""
+    transform = BatchTransform(manifest.image, manifest.normalization, augment=None)
+    root = st.resolve(uri, storage)
+    for shard in manifest.split(split).shards:
+        table = read_shard(root.join(shard.path))
+        for batch in table.to_batches(max_chunksize=batch_size):
+            labels = batch.column("label").to_numpy()
+            out = transform({"image": batch.column("image").to_pylist(), "label": labels})
+            yield torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
