@@ -170,6 +170,11 @@ def init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
     )
+    # Train V2's controller polls the workers every 2 s by default, and a worker's report blocks
+    # while its previous one is still unread (a queue of one): epochs shorter than the interval
+    # then take the interval (0.5 s of training per 2 s on digits). Train propagates this
+    # variable from the driver to the controller, on a local Ray and on a cluster.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if address:
         ray.init(address=address, **kwargs)
     else:
