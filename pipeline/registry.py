@@ -59,16 +59,29 @@ def version_tags(run: Any) -> dict[str, str]:
 
 
 def register_run_model(cfg: PipelineConfig, run_id: str):
-    """Register `runs:/<run_id>/model` as a new version of `registry.model_name`."""
+    """Register the run's logged model `model` as a new version of `registry.model_name`."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = cfg.tracking.resolved_uri()
     mlflow.set_tracking_uri(uri)
-    run = MlflowClient(uri).get_run(run_id)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
     return mlflow.register_model(
-        f"runs:/{run_id}/model", cfg.registry.model_name, tags=version_tags(run)
+        logged_model_uri(client, run, "model"), cfg.registry.model_name, tags=version_tags(run)
     )
+
+
+def logged_model_uri(client, run, name: str) -> str:
+    """`models:/<model id>` of the model `name` that `run` logged (MLflow 3 keeps logged models
+    outside the run's artifacts; registering `runs:/<id>/<name>` only warns and resolves to
+    this), or `runs:/<id>/<name>` for a run that logged none of that name."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    for output in outputs:
+        model = client.get_logged_model(output.model_id)
+        if model.name == name:
+            return model.model_uri
+    return f"runs:/{run.info.run_id}/{name}"
 
 
 # ---------------------------------------------------------------------------------------------
