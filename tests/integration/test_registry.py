@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import PipelineConfig, load_config
-from pipeline.data.transform import iter_split
 from pipeline.data.shards import Manifest
 from pipeline.data.sources import WriteOptions, prepare_digits
+from pipeline.data.transform import iter_split
 from pipeline.evaluation import evaluate_model
 from pipeline.model_package import log_pipeline_model
 from pipeline.registry import (
