@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -28,8 +29,19 @@ app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
 app.add_typer(models_app, name="models")
 
-out = Console()
-err = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console. Off a terminal (a log file, CI, `| tee`) rich wraps at 80 columns, which
+    breaks run ids, URIs and table rows across lines: use a wide fixed width there instead,
+    unless COLUMNS says otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    on_terminal = hasattr(stream, "isatty") and stream.isatty()
+    width = None if on_terminal or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, width=width)
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
