@@ -194,7 +194,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import load_config
+    from pipeline.data.shards import read_manifest
     from pipeline.data.sources import WriteOptions, prepare_digits
+    from pipeline.train.loop import steps_per_epoch
     from pipeline.train.trainer import init_ray
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -205,8 +207,7 @@ def main() -> None:
         cfg = load_config(REPO / "jobs" / "configs" / "digits.yaml")
         batch, workers = cfg.train.batch_size, cfg.scaling.num_workers
         threads = workers * int(cfg.scaling.cpus_per_worker)
-        # The pipeline's epoch: each worker's equal share of the train split, full batches.
-        steps = len(y) // workers // (batch // workers)
+        steps = steps_per_epoch(cfg, read_manifest(data_uri))  # the pipeline's epoch length
         measured = max(args.epochs - 2, 1)  # the pipeline's epochs 3.. are its steady state
 
         pipeline = pipeline_run(data_uri, workdir, args.epochs)  # (a) first: it starts Ray

@@ -201,7 +201,11 @@ def init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ctx.use_datasource_v2 = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "0") != "0"
+    # Read as Ray reads it (ray_constants.env_bool): "1"/"true" mean V2.
+    ctx.use_datasource_v2 = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "0").lower() in (
+        "1",
+        "true",
+    )
     # V1 logs its read-size estimates at INFO on the driver, under the live display.
     logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)
 
