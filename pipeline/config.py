@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -51,9 +58,20 @@ class StorageConfig(_Section):
 
 
 class AugmentConfig(_Section):
+    """Per-sample training augmentation, applied after `data.resize` (so in the pixels the network
+    sees): a random shift of up to `random_crop_padding` pixels (a padded random crop), and with
+    `rotate_degrees` / `scale` a random affine map (torchvision's RandomAffine) around the centre;
+    the background that moves in is black (0)."""
+
     random_crop_padding: int = Field(1, ge=0, le=32)  # pixels; 0 disables the shifted crop
+    rotate_degrees: float = Field(0.0, ge=0, le=180)  # random rotation in [-d, d] degrees
+    scale: float = Field(0.0, ge=0, lt=1)  # random zoom in [1 - scale, 1 + scale]
     hflip: bool = False  # digits must not be mirrored; natural images usually can
     vflip: bool = False
+
+    @property
+    def affine(self) -> bool:
+        return self.rotate_degrees > 0 or self.scale > 0
 
 
 class DataConfig(_Section):
@@ -62,12 +80,31 @@ class DataConfig(_Section):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # Resize every image (bilinear) to this side, or [height, width], before augmentation, in
+    # training, evaluation and serving alike: the model package records it. Upsampling small
+    # images lets shifts and rotations move them by fractions of an original pixel.
+    resize: tuple[int, int] | None = None  # YAML: 16 or [16, 24]; read back as (height, width)
     augment: AugmentConfig = AugmentConfig()
     # Keep each worker's decoded train shard in its memory after the first epoch, and reshuffle
     # and augment it there: Ray Data re-executes its pipeline every epoch, which costs ~2 s on
     # 2 cores and dominates small datasets. "auto": when a worker's share is under cache_max_mb.
     cache: Literal["auto", "always", "never"] = "auto"
     cache_max_mb: float = Field(1024.0, gt=0)
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _resize_pair(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        pair = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            or not all(1 <= v <= 4096 for v in pair)
+        ):
+            raise ValueError("expected a side in pixels (1-4096) or [height, width]")
+        return tuple(pair)
 
     def absolute(self) -> DataConfig:
         return self.model_copy(update={"uri": _absolute_uri(self.uri)})

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import StorageConfig
 from pipeline.data.shards import DatasetError, read_manifest, read_shard
 from pipeline.data.transform import BatchTransform
-from pipeline.model_package import load_logged_model, preprocessing
+from pipeline.model_package import input_resize, load_logged_model, preprocessing
 from pipeline.storage import resolve
 from pipeline.train.metrics import EpochMeter, per_class_accuracy
 
@@ -28,7 +28,7 @@ def evaluate_model(
         )
     if manifest.classes != meta["classes"]:
         raise DatasetError(f"{data_uri}: classes {manifest.classes} differ from the model's")
-    transform = BatchTransform(manifest.image, norm, augment=None)
+    transform = BatchTransform(manifest.image, norm, augment=None, resize=input_resize(meta))
     meter = EpochMeter(len(manifest.classes), confusion=True)
     root = resolve(data_uri, storage)
     for shard in manifest.split(split).shards:

@@ -52,6 +52,8 @@ def package_metadata(cfg: PipelineConfig, manifest: Manifest) -> dict[str, Any]:
         "in_channels": cfg.model.in_channels or c,
         "num_classes": cfg.model.num_classes or manifest.num_classes,
         "image": manifest.image.model_dump(mode="json"),
+        # [height, width] the network sees after the bilinear resize, or None (stored size)
+        "resize": list(cfg.data.resize) if cfg.data.resize else None,
         "classes": manifest.classes,
         "normalization": manifest.normalization.model_dump(mode="json"),
         "dataset": {"name": manifest.name, "digest": manifest.digest, "uri": cfg.data.uri},
@@ -60,11 +62,22 @@ def package_metadata(cfg: PipelineConfig, manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def input_resize(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """(height, width) the package's images are resized to before the network, or None."""
+    resize = meta.get("resize")  # absent in packages from before data.resize existed
+    return (int(resize[0]), int(resize[1])) if resize else None
+
+
+def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of the normalised tensors the network takes."""
+    c, h, w = ImageSpec.model_validate(meta["image"]).shape
+    return (c, *(input_resize(meta) or (h, w)))
+
+
 def example_input(meta: dict[str, Any], batch: int = 2) -> np.ndarray:
     """A normalised float32 NCHW batch (batch > 1: torch.export needs a dynamic batch dim)."""
-    image = ImageSpec.model_validate(meta["image"])
     rng = np.random.default_rng(0)
-    return rng.standard_normal((batch, *image.shape)).astype(np.float32)
+    return rng.standard_normal((batch, *input_shape(meta))).astype(np.float32)
 
 
 def log_pipeline_model(model: nn.Module, cfg: PipelineConfig, manifest: Manifest):
@@ -176,7 +189,7 @@ def rebuild(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         ModelConfig.model_validate(meta["model"]),
         in_channels=meta["in_channels"],
         num_classes=meta["num_classes"],
-        image_size=max(meta["image"]["height"], meta["image"]["width"]),
+        image_size=max(input_shape(meta)[1:]),
     )
     state = torch.load(_find(model_dir, WEIGHTS_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state)

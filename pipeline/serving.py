@@ -50,6 +50,8 @@ from pipeline.model_package import (
     PREDICTOR_NAME,
     WEIGHTS_FILE,
     example_input,
+    input_resize,
+    input_shape,
     preprocessing,
     rebuild,
 )
@@ -170,7 +172,9 @@ class Predictor:
         self.image, self.normalization = preprocessing(meta)
         self.classes: list[str] = list(meta["classes"])
         self._forward = forward
-        self._transform = BatchTransform(self.image, self.normalization, augment=None)
+        self._transform = BatchTransform(
+            self.image, self.normalization, augment=None, resize=input_resize(meta)
+        )
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """The normalised float32 NCHW batch the network sees."""
@@ -452,7 +456,7 @@ def _check(fmt: str, model: nn.Module, meta: dict[str, Any], out: Path) -> dict[
 
 
 def _pull_record(fmt, source, meta, check, staging: Path) -> dict[str, Any]:
-    c, h, w = ImageSpec.model_validate(meta["image"]).shape
+    c, h, w = input_shape(meta)
     return {
         "pull_format_version": 1,
         "format": fmt,
@@ -460,6 +464,7 @@ def _pull_record(fmt, source, meta, check, staging: Path) -> dict[str, Any]:
         "classes": meta["classes"],
         "input": {"name": "image", "shape": ["batch", c, h, w], "dtype": "float32"},
         "image": meta["image"],  # raw images: what `load` resizes and converts to
+        "resize": meta.get("resize"),  # then bilinear to [height, width] before normalising
         "normalization": meta["normalization"],
         "check": check,
         "pulled_at": datetime.now(UTC).isoformat(timespec="seconds"),

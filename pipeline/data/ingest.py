@@ -43,13 +43,16 @@ class TransformBatches:
     image: ImageSpec
     normalization: Normalization
     augment: AugmentConfig | None
+    resize: tuple[int, int] | None = None
     _transform: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._transform is None:
             from pipeline.data.transform import BatchTransform
 
-            self._transform = BatchTransform(self.image, self.normalization, self.augment)
+            self._transform = BatchTransform(
+                self.image, self.normalization, self.augment, resize=self.resize
+            )
         return self._transform(batch)
 
 
@@ -59,6 +62,7 @@ def ray_dataset(
     split: str,
     *,
     augment: AugmentConfig | None,
+    resize: tuple[int, int] | None = None,
     storage: StorageConfig | None = None,
     batch_size: int = 256,
     decode_only: bool = False,
@@ -75,5 +79,5 @@ def ray_dataset(
     if decode_only:
         fn = DecodeImages(manifest.image)
     else:
-        fn = TransformBatches(manifest.image, manifest.normalization, augment)
+        fn = TransformBatches(manifest.image, manifest.normalization, augment, resize)
     return ds.map_batches(fn, batch_format="numpy", batch_size=batch_size)

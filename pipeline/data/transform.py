@@ -1,22 +1,27 @@
 """Decoded pixels to normalised training tensors: the torch side of ingest.
 
-`BatchTransform` is the one preprocessing function (decode -> optional augmentation -> float ->
-normalise with the manifest's statistics). Ray Data runs it in `map_batches` for training and
-validation (through `pipeline.data.ingest.TransformBatches`); `pipeline evaluate`, the test split
-and the serving predictor call it directly, so a model always sees exactly the preprocessing it
-was trained with.
+`BatchTransform` is the one preprocessing function (decode -> float -> optional bilinear resize to
+`data.resize` -> optional augmentation -> normalise with the manifest's statistics). Ray Data runs
+it in `map_batches` for training and validation (through `pipeline.data.ingest.TransformBatches`);
+`pipeline evaluate`, the test split and the serving predictor call it directly, so a model always
+sees exactly the preprocessing it was trained with.
 
-Augmentation is per sample but vectorised over the batch with torchvision's v2 functional ops:
-a padded random crop (random shifts of up to `padding` pixels) and optional flips.
+Augmentation is per sample but vectorised over the batch: a padded random crop (random shifts of
+up to `padding` pixels, one gather), or with rotation / scale a random affine map (torchvision's
+RandomAffine: rotation, zoom and the same integer shift, sampled bilinearly in one `grid_sample`),
+and optional flips (torchvision's v2 functional ops).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline import storage as st
@@ -32,6 +37,7 @@ class BatchTransform:
     normalization: Normalization
     augment: AugmentConfig | None = None  # None: evaluation (no randomness)
     seed: int | None = None
+    resize: tuple[int, int] | None = None  # (height, width) the network sees; None: stored size
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator()
@@ -47,18 +53,30 @@ class BatchTransform:
         x = self.to_tensor(pixels)
         return {"image": x.numpy(), "label": np.array(batch["label"], dtype=np.int64)}
 
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the tensors this transform makes."""
+        c, h, w = self.image.shape
+        return (c, *self.resize) if self.resize is not None else (c, h, w)
+
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        """(N, H, W, C) uint8 -> normalised (N, C, H, W) float32, augmented when configured."""
+        """(N, H, W, C) uint8 -> normalised (N, C, H, W) float32, resized and augmented when
+        configured."""
         x = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable)).permute(0, 3, 1, 2)
+        x = TF.to_dtype(x, torch.float32, scale=True)
+        if self.resize is not None and tuple(x.shape[-2:]) != self.resize:
+            x = TF.resize(x, list(self.resize), InterpolationMode.BILINEAR, antialias=True)
         if self.augment is not None:
             x = self._augment(x)
-        x = TF.to_dtype(x, torch.float32, scale=True)
         return TF.normalize(x, self._mean, self._std).contiguous()
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random shift (or affine map), then flips, of a float batch in [0, 1]."""
         n, _, h, w = x.shape
         aug = self.augment
-        if aug.random_crop_padding > 0:
+        if aug.affine:
+            x = self._random_affine(x)
+        elif aug.random_crop_padding > 0:
             # Pad once, then take each sample's crop at its own random offset (a gather, no loop).
             p = aug.random_crop_padding
             padded = TF.pad(x, [p, p, p, p], fill=0)
@@ -76,6 +94,29 @@ class BatchTransform:
             flip = torch.rand(n, generator=self._gen) < 0.5
             x[flip] = TF.vertical_flip(x[flip])
         return x
+
+    def _random_affine(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample rotated by U(-d, d) degrees and zoomed by U(1 - s, 1 + s) around the centre,
+        and shifted by whole pixels in [-padding, padding]; bilinear, black where nothing maps."""
+        n, _, h, w = x.shape
+        aug, gen = self.augment, self._gen
+        p = aug.random_crop_padding
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(aug.rotate_degrees)
+        zoom = 1 + (torch.rand(n, generator=gen) * 2 - 1) * aug.scale
+        tx = torch.randint(-p, p + 1, (n,), generator=gen).float()
+        ty = torch.randint(-p, p + 1, (n,), generator=gen).float()
+        # affine_grid maps each output position (normalised to [-1, 1] per axis) to the input
+        # position it samples: the inverse map, in pixels, conjugated into normalised coordinates.
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [
+                torch.stack([cos, sin * h / w, -2 * tx / w], dim=1),
+                torch.stack([-sin * w / h, cos, -2 * ty / h], dim=1),
+            ],
+            dim=1,
+        )
+        grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class WorkerCache:
@@ -125,9 +166,10 @@ def iter_split(
     *,
     batch_size: int = 512,
     storage: StorageConfig | None = None,
+    resize: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches of a whole split in one process (no Ray): test split, `evaluate`."""
-    transform = BatchTransform(manifest.image, manifest.normalization, augment=None)
+    transform = BatchTransform(manifest.image, manifest.normalization, None, resize=resize)
     root = st.resolve(uri, storage)
     for shard in manifest.split(split).shards:
         table = read_shard(root.join(shard.path))

@@ -67,6 +67,7 @@ def seed_everything(seed: int) -> None:
 def model_for(cfg: PipelineConfig, manifest: Manifest) -> nn.Module:
     """The configured model for this dataset, with transferred weights when configured."""
     c, h, w = manifest.image.shape
+    h, w = cfg.data.resize or (h, w)
     num_classes = cfg.model.num_classes or manifest.num_classes
     model = build_model(
         cfg.model,
@@ -153,10 +154,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cache = val_cache = None
     if loop_config.get("cache"):
         augment_seed = cfg.train.seed * 7919 + rank * 104_729 + state.epoch
+        resize = cfg.data.resize
         cache = WorkerCache(
-            BatchTransform(manifest.image, manifest.normalization, cfg.data.augment, augment_seed)
+            BatchTransform(
+                manifest.image, manifest.normalization, cfg.data.augment, augment_seed, resize
+            )
         )
-        val_cache = WorkerCache(BatchTransform(manifest.image, manifest.normalization, None))
+        val_cache = WorkerCache(
+            BatchTransform(manifest.image, manifest.normalization, None, resize=resize)
+        )
     val_batch = max(batch, 256)
 
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -445,7 +451,13 @@ class _RankZeroTracker:
         device = next(model.parameters()).device
         test = evaluate(
             model,
-            iter_split(cfg.data.uri, manifest, cfg.data.test_split, storage=cfg.storage),
+            iter_split(
+                cfg.data.uri,
+                manifest,
+                cfg.data.test_split,
+                storage=cfg.storage,
+                resize=cfg.data.resize,
+            ),
             cfg,
             device,
             manifest.num_classes,

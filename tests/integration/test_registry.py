@@ -60,7 +60,11 @@ STEPS = {"weak": 0, "medium": 6, "strong": 20}
 
 
 def digits_config(
-    data_uri: str, tracking_uri: str, model_name: str = "digits-resnet", experiment: str = "digits"
+    data_uri: str,
+    tracking_uri: str,
+    model_name: str = "digits-resnet",
+    experiment: str = "digits",
+    *overrides: str,
 ) -> PipelineConfig:
     return load_config(
         None,
@@ -69,6 +73,7 @@ def digits_config(
             f"tracking.tracking_uri={tracking_uri}",
             f"tracking.experiment={experiment}",
             f"registry.model_name={model_name}",
+            *overrides,
         ],
     )
 
@@ -81,7 +86,9 @@ def train_digits(cfg: PipelineConfig, manifest: Manifest, steps: int) -> torch.n
     model.train()
     done = 0
     while done < steps:
-        for x, y in iter_split(cfg.data.uri, manifest, "train", batch_size=64):
+        for x, y in iter_split(
+            cfg.data.uri, manifest, "train", batch_size=64, resize=cfg.data.resize
+        ):
             loss = torch.nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()

@@ -74,9 +74,12 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def champion(env, digits) -> dict[str, str]:
-    """A registered model whose champion is a trained digits ResNet-20."""
+    """A registered model whose champion is a trained digits ResNet-20 that sees the 8x8 digits
+    resized to 16x16 (`data.resize`, as `make train`'s recipe): the predictor, `evaluate` and
+    every export must apply the resize the package records."""
     uri, manifest = digits
-    cfg = digits_config(uri, env.uri, experiment=f"serving-tests-{uuid.uuid4().hex[:6]}")
+    experiment = f"serving-tests-{uuid.uuid4().hex[:6]}"
+    cfg = digits_config(uri, env.uri, "digits-resnet", experiment, "data.resize=16")
     run_id = log_run(cfg, manifest, train_digits(cfg, manifest, 20), "serving", test_acc=0.9)
     name = f"serving-{uuid.uuid4().hex[:8]}"
     version = register(cfg, run_id, name)
@@ -123,7 +126,7 @@ def test_predictor_matches_evaluation_on_the_test_split(predictor, champion, dig
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-9)
     accuracy = float((probs.argmax(axis=1) == labels).mean())
     assert accuracy == pytest.approx(evaluate_model(champion["uri"], digits[0])["acc"])
-    assert accuracy > 0.8
+    assert accuracy > 0.5  # 20 SGD steps at 16x16 reach ~0.67; chance is 0.1
 
 
 def test_predictor_takes_every_raw_image_form(predictor, test_images):
@@ -223,7 +226,8 @@ def test_pull_every_format_matches_the_original(
     assert record["source"]["version"] == champion["version"]
     assert record["source"]["run_id"] == champion["run_id"]
     assert record["classes"] == [str(i) for i in range(10)]
-    assert record["input"]["shape"] == ["batch", 1, 8, 8]
+    assert record["input"]["shape"] == ["batch", 1, 16, 16]
+    assert record["image"]["height"] == 8 and record["resize"] == [16, 16]
     assert record["normalization"] == predictor.meta["normalization"]
     assert record["check"]["max_abs_diff"] <= record["check"]["tolerance"]
     assert record["files"] and all(

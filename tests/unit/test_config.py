@@ -88,3 +88,28 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     assert cfg.tracking.resolved_uri(tmp_path) == "http://127.0.0.1:5000"
     cfg.tracking.tracking_uri = "sqlite:///x.db"
     assert cfg.tracking.resolved_uri(tmp_path) == "sqlite:///x.db"
+
+
+def test_resize_takes_a_side_or_height_and_width():
+    assert load_config(None, ["data.resize=16"]).data.resize == (16, 16)
+    cfg = load_config(None, ["data.resize=[12, 20]"])
+    assert cfg.data.resize == (12, 20)
+    assert flatten(cfg.to_dict())["data.resize"] == [12, 20]
+    assert PipelineConfig.model_validate(cfg.to_dict()).data.resize == (12, 20)  # round trip
+    assert load_config(None, []).data.resize is None
+
+
+@pytest.mark.parametrize("value", ["0", "[16]", "[16, 16, 3]", "sixteen", "true", "5000"])
+def test_bad_resize_is_named(value):
+    with pytest.raises(ConfigError, match=r"data\.resize: expected a side in pixels"):
+        load_config(None, [f"data.resize={value}"])
+
+
+def test_affine_augmentation_bounds():
+    cfg = load_config(None, ["data.augment.rotate_degrees=10", "data.augment.scale=0.1"])
+    assert cfg.data.augment.affine
+    assert not load_config(None, []).data.augment.affine
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.augment.rotate_degrees=-1", "data.augment.scale=1"])
+    assert "data.augment.rotate_degrees" in str(err.value)
+    assert "data.augment.scale" in str(err.value)

@@ -123,3 +123,69 @@ def test_flips_follow_the_config():
     kept = [torch.equal(y[i], x[i]) for i in range(len(x))]
     assert all(m or k for m, k in zip(mirrored, kept, strict=True))
     assert 0 < sum(mirrored) < len(x)
+
+
+def _digit_like(n: int, seed: int) -> np.ndarray:
+    """Bright strokes in the middle of a black 8x8 frame (background 0, like digits)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((n, 8, 8, 1), np.uint8)
+    pixels[:, 3:5, 2:6, 0] = rng.integers(64, 256, size=(n, 2, 4))
+    return pixels
+
+
+def test_resize_is_bilinear_and_the_same_in_training_and_evaluation():
+    pixels = _digit_like(5, 3)
+    plain = Normalization(mean=[0.0], std=[1.0])
+    evaluation = BatchTransform(SPEC, plain, None, resize=(16, 12))
+    out = evaluation.to_tensor(pixels)
+    assert out.shape == (5, 1, 16, 12) and evaluation.output_shape == (1, 16, 12)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    expected = torch.nn.functional.interpolate(x, size=(16, 12), mode="bilinear")
+    torch.testing.assert_close(out, expected)
+    # Augmentation without shifts or flips is the identity: training sees what evaluation sees.
+    still = AugmentConfig(random_crop_padding=0)
+    torch.testing.assert_close(
+        BatchTransform(SPEC, plain, still, 0, (16, 12)).to_tensor(pixels), out
+    )
+    batch, _ = _batch()
+    shipped = TransformBatches(SPEC, NORM, None, (16, 16))
+    assert cloudpickle.loads(cloudpickle.dumps(shipped))(batch)["image"].shape == (6, 1, 16, 16)
+
+
+def test_random_affine_rotates_and_zooms_each_image_differently_keeping_the_background():
+    pixels = _digit_like(64, 4)
+    plain = Normalization(mean=[0.0], std=[1.0])
+    aug = AugmentConfig(random_crop_padding=0, rotate_degrees=30, scale=0.2)
+    out = BatchTransform(SPEC, plain, aug, 5, resize=(16, 16)).to_tensor(pixels)
+    ref = BatchTransform(SPEC, plain, None, resize=(16, 16)).to_tensor(pixels)
+    assert out.shape == ref.shape
+    # No shift: the strokes turn around the centre and the corners stay black.
+    for rows, cols in ((slice(0, 3), slice(0, 3)), (slice(-3, None), slice(-3, None))):
+        assert torch.all(out[:, :, rows, cols] == 0)
+    changed = [(out[i] - ref[i]).abs().max().item() > 1e-3 for i in range(len(out))]
+    assert sum(changed) >= 60  # drawn per image
+    # Mass is roughly kept: a zoom of at most 20% scales the strokes' area by at most 1.2^2.
+    ratio = out.sum(dim=(1, 2, 3)) / ref.sum(dim=(1, 2, 3))
+    assert torch.all(ratio > 1 / 1.2**2 - 0.05) and torch.all(ratio < 1.2**2 + 0.05)
+    again = BatchTransform(SPEC, plain, aug, 5, resize=(16, 16)).to_tensor(pixels)
+    torch.testing.assert_close(again, out)  # a seed reproduces the draw
+
+
+def test_random_affine_shifts_by_whole_pixels_within_the_padding():
+    pixels = _digit_like(64, 6)
+    plain = Normalization(mean=[0.0], std=[1.0])
+    # A zoom range too small to move a sample off a pixel centre leaves only the shift.
+    aug = AugmentConfig(random_crop_padding=2, scale=1e-7)
+    out = BatchTransform(SPEC, plain, aug, 7).to_tensor(pixels)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    seen = set()
+    for i in range(len(x)):
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.allclose(out[i], torch.roll(x[i], shifts=(dy, dx), dims=(1, 2)), atol=1e-4)
+        ]
+        assert matches, f"image {i} is not a whole-pixel shift of at most 2"
+        seen.update(matches)
+    assert len(seen) >= 12
