@@ -318,10 +318,18 @@ SetOpt = Annotated[
 def train(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Validate the config, then train with Ray Train and log everything to MLflow."""
     from pipeline.config import load_config
-    from pipeline.train.trainer import run_training
+    from pipeline.data.validate import ensure_dataset
+    from pipeline.train.ray_runtime import start_local_ray, stop_early_ray
 
     cfg = load_config(config, overrides or [])
-    summary = run_training(cfg, console=err)
+    ensure_dataset(cfg.with_absolute_paths(), err)  # data problems end here, before Ray starts
+    start_local_ray(cfg)  # a local Ray comes up while torch and MLflow import and get checked
+    try:
+        from pipeline.train.trainer import run_training
+
+        summary = run_training(cfg, console=err)
+    finally:
+        stop_early_ray()  # only when training never needed it: MLflow down, a finished run
     m = summary.metrics
     table = Table(title=f"run {summary.run_name}", show_header=False)
     for key in ("test_acc", "test_top5", "test_loss", "best_val_acc", "best_epoch"):

@@ -662,7 +662,7 @@ def _search(cfg, space: SearchSpace, manifest, summary_base: dict, console: Cons
     import ray
     from ray import tune
 
-    from pipeline.train.trainer import init_ray
+    from pipeline.train.ray_runtime import init_ray
 
     name, parent_id = summary_base["name"], summary_base["parent_run_id"]
     wanted = space.settings.max_concurrent_trials or 1

@@ -133,7 +133,7 @@ def ray_session(s3_server):
     import ray
 
     from pipeline.config import load_config
-    from pipeline.train.trainer import init_ray
+    from pipeline.train.ray_runtime import init_ray
 
     # 4 CPU slots (not cores): two 1-worker Tune trials side by side plus one for Ray Data.
     init_ray(load_config(None, ["scaling.num_cpus=4"]))

@@ -1,6 +1,7 @@
 """Training throughput: this pipeline against a minimal Ray Train loop and a bare PyTorch loop.
 
-Measured in one run, same model (cifar_resnet20), same global batch, same threads in total:
+Measured in one run, same model (cifar_resnet20), same input size (jobs/configs/digits.yaml's
+`data.resize`), same global batch, same threads in total:
   (a) pipeline  `run_training` on the Parquet digits: Ray Data ingest, the full loop (metrics,
                 progress, checkpoints, MLflow); steady-state `images_per_s` of the later epochs
   (b) ray       a minimal TorchTrainer over in-memory tensors: DDP, SGD, nothing else
@@ -34,26 +35,28 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "cifar_resnet20"
 
 
-def in_memory_digits(uri: str, split: str = "train") -> tuple[np.ndarray, np.ndarray, dict]:
-    """A split decoded and normalised once, as the in-memory loops get it."""
+def in_memory_digits(
+    uri: str, split: str = "train", resize: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A split decoded, resized as the config says and normalised once, as the in-memory loops
+    get it."""
     from pipeline.data.shards import read_manifest
     from pipeline.data.transform import iter_split
 
     manifest = read_manifest(uri)
-    xs, ys = zip(*iter_split(uri, manifest, split), strict=True)
+    xs, ys = zip(*iter_split(uri, manifest, split, resize=resize), strict=True)
     return torch.cat(xs).numpy(), torch.cat(ys).numpy(), manifest.model_dump(mode="json")
 
 
-def build(manifest: dict):
+def build(manifest: dict, image_size: int):
     from pipeline.config import ModelConfig
     from pipeline.models.zoo import build_model
 
-    image = manifest["image"]
     return build_model(
         ModelConfig(name=MODEL),
-        in_channels=image["channels"],
+        in_channels=manifest["image"]["channels"],
         num_classes=len(manifest["classes"]),
-        image_size=image["height"],
+        image_size=image_size,
     ).to(memory_format=torch.channels_last)
 
 
@@ -92,7 +95,7 @@ def timed_epochs(model, x, y, xv, batch, steps, epochs, warmup, sync=lambda: Non
 
 def bare_loop(x, y, xv, manifest, batch, steps, threads, epochs) -> list[float]:
     torch.set_num_threads(threads)
-    model = build(manifest)
+    model = build(manifest, x.shape[-1])
     return timed_epochs(model, x, y, xv, batch, steps, epochs, warmup=2)
 
 
@@ -102,7 +105,7 @@ def _ray_worker(config: dict) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(config["threads"])
-    model = ray.train.torch.prepare_model(build(config["manifest"]))
+    model = ray.train.torch.prepare_model(build(config["manifest"], config["x"].shape[-1]))
     rank, world = ray.train.get_context().get_world_rank(), config["world"]
     x, y = config["x"][rank::world], config["y"][rank::world]
     xv = config["xv"][rank::world]
@@ -197,14 +200,14 @@ def main() -> None:
     from pipeline.data.shards import read_manifest
     from pipeline.data.sources import WriteOptions, prepare_digits
     from pipeline.train.loop import steps_per_epoch
-    from pipeline.train.trainer import init_ray
+    from pipeline.train.ray_runtime import init_ray
 
     with tempfile.TemporaryDirectory() as workdir:
         data_uri = f"{workdir}/digits"
         prepare_digits(WriteOptions(out=data_uri))
-        x, y, manifest = in_memory_digits(data_uri)
-        xv, _, _ = in_memory_digits(data_uri, "val")
         cfg = load_config(REPO / "jobs" / "configs" / "digits.yaml")
+        x, y, manifest = in_memory_digits(data_uri, resize=cfg.data.resize)
+        xv, _, _ = in_memory_digits(data_uri, "val", resize=cfg.data.resize)
         batch, workers = cfg.train.batch_size, cfg.scaling.num_workers
         threads = workers * int(cfg.scaling.cpus_per_worker)
         steps = steps_per_epoch(cfg, read_manifest(data_uri))  # the pipeline's epoch length
@@ -222,6 +225,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "torch": torch.__version__,
         "model": MODEL,
+        "input_shape": list(x.shape[1:]),
         "global_batch": batch,
         "workers": workers,
         "threads_total": threads,

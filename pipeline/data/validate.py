@@ -2,18 +2,23 @@
 
 `validate_dataset` is the deep check behind `pipeline data validate` (reads every byte: existence,
 size, sha256, Parquet schema, row counts, decodable images, labels in range, digest).
-`check_shards_present` is the cheap check run before training (existence and size only).
+`check_shards_present` is the cheap check run before training (existence and size only), and
+`ensure_dataset` the whole of it: the manifest, its shards and the configured splits, after
+creating the bundled digits when configured and absent. It imports no torch: `pipeline train`
+runs it before it starts anything else.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage as st
-from pipeline.config import StorageConfig
+from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.data.shards import (
     SCHEMA,
     DatasetError,
@@ -23,6 +28,9 @@ from pipeline.data.shards import (
     decode_images,
     read_manifest,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def validate_dataset(
@@ -107,3 +115,24 @@ def check_shards_present(
             f"{root.uri}: the dataset does not match its manifest; run `pipeline data validate "
             f"{uri}` for details:\n  " + "\n  ".join(lines)
         )
+
+
+def ensure_dataset(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
+    """Read the manifest; create the bundled dataset first when configured and absent."""
+    uri = cfg.data.uri
+    root = st.resolve(uri, cfg.storage)
+    if (
+        cfg.data.prepare == "digits"
+        and not root.is_s3
+        and not Path(root.path, "manifest.json").exists()
+    ):
+        from pipeline.data.sources import WriteOptions, prepare_digits
+
+        if console:
+            console.print(f"preparing the bundled digits dataset at {uri}")
+        prepare_digits(WriteOptions(out=uri, storage=cfg.storage))
+    manifest = read_manifest(uri, cfg.storage)
+    check_shards_present(uri, manifest, cfg.storage)
+    for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
+        manifest.split(split)  # raises naming the missing split
+    return manifest

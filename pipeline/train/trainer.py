@@ -6,8 +6,6 @@ shards, model name, tracking server), so a mistake costs seconds, not a cluster 
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import queue
 import threading
@@ -23,8 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import storage as st
 from pipeline.config import PipelineConfig
-from pipeline.data.shards import Manifest, read_manifest
-from pipeline.data.validate import check_shards_present
+from pipeline.data.shards import Manifest
+from pipeline.data.validate import ensure_dataset
 from pipeline.tags import KIND_TAG
 from pipeline.train.entry import train_loop_per_worker
 from pipeline.train.loop import (
@@ -33,6 +31,7 @@ from pipeline.train.loop import (
     per_worker_batch,
     steps_per_epoch,
 )
+from pipeline.train.ray_runtime import init_ray
 
 RUN_NAME_TAG = "pipeline.run_name"
 MANIFEST_ARTIFACT = "dataset/manifest.json"  # the manifest of the data a run trained on
@@ -71,27 +70,6 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Pre-flight
-
-
-def ensure_dataset(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
-    """Read the manifest; create the bundled dataset first when configured and absent."""
-    uri = cfg.data.uri
-    root = st.resolve(uri, cfg.storage)
-    if (
-        cfg.data.prepare == "digits"
-        and not root.is_s3
-        and not Path(root.path, "manifest.json").exists()
-    ):
-        from pipeline.data.sources import WriteOptions, prepare_digits
-
-        if console:
-            console.print(f"preparing the bundled digits dataset at {uri}")
-        prepare_digits(WriteOptions(out=uri, storage=cfg.storage))
-    manifest = read_manifest(uri, cfg.storage)
-    check_shards_present(uri, manifest, cfg.storage)
-    for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
-        manifest.split(split)  # raises naming the missing split
-    return manifest
 
 
 def preflight(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
@@ -148,66 +126,6 @@ def _check_mlflow_weights(uri: str, tracking_uri: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Ray
-
-
-def init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
-    """Connect to the cluster in scaling.ray_address / RAY_ADDRESS, or start a local Ray sized
-    for `concurrent_runs` training runs of this config side by side (Tune trials), plus
-    `extra_cpus` held by other actors (Tune's trial functions)."""
-    import ray
-    import ray.data
-
-    if ray.is_initialized():
-        return
-    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {
-        "log_to_driver": False,  # the live display replaces the workers' log stream
-        "logging_level": logging.WARNING,
-        "include_dashboard": False,
-        "configure_logging": True,
-    }
-    # A notice at every start that token auth is on (it stays on): not news to a user.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR
-    )
-    # Train V2's controller polls the workers every 2 s by default, and a worker's report blocks
-    # while its previous one is still unread (a queue of one): epochs shorter than the interval
-    # then take the interval (0.5 s of training per 2 s on digits). Train propagates this
-    # variable from the driver to the controller, on a local Ray and on a cluster.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        workers = concurrent_runs * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        # Ray Data's read and map tasks need a whole free CPU slot beside the training workers.
-        held = math.ceil(workers + extra_cpus)
-        num_cpus = cfg.scaling.num_cpus or max(os.cpu_count() or 1, held + 1)
-        # Train workers, Ray Data tasks and the coordinating actors start together; the local
-        # raylet's default start-up concurrency (= CPUs) warns about it on every run.
-        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * num_cpus))
-        # Starting a worker group's processes takes well over Ray Train's 60 s default when a
-        # few trials start at once on two busy cores; a timeout only retries the same start.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-        # Start-up is CPU-bound on a small machine: every Ray process costs about a CPU-second
-        # before it does anything, so skip the ones a single-node run has no use for. The
-        # preemption watcher reacts to a node being drained; this node is the whole cluster.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Ray Data's Parquet reader V2 starts 4 FooterReader actors per read to learn what the
-        # manifest already says (files, rows): ~7 s on the way to the first step for our few
-        # shards. V1 reads the footers in its read task. The environment carries the choice to
-        # Tune's trial processes, which build their own datasets.
-        os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
-        ray.init(num_cpus=num_cpus, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Read as Ray reads it (ray_constants.env_bool): "1"/"true" mean V2.
-    ctx.use_datasource_v2 = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "0").lower() in (
-        "1",
-        "true",
-    )
-    # V1 logs its read-size estimates at INFO on the driver, under the live display.
-    logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)
 
 
 def cache_in_workers(cfg: PipelineConfig, manifest: Manifest) -> bool:
