@@ -7,7 +7,8 @@ Measured in one run, same model (cifar_resnet20), same input size (jobs/configs/
   (b) ray       a minimal TorchTrainer over in-memory tensors: DDP, SGD, nothing else
   (c) bare      one process, a plain PyTorch loop over in-memory tensors
 and the time from process start to the first training step of (a). (b) and (c) run the
-pipeline's epoch structure: the same steps per epoch, then a validation pass (not timed).
+pipeline's epoch structure: the same steps per epoch, then a validation pass (not timed), once
+before and once after (a), so that the VM's drift in speed does not masquerade as a difference.
 
     .venv/bin/python jobs/bench/train_throughput.py [--epochs 8] [--out FILE.json]
 
@@ -213,10 +214,20 @@ def main() -> None:
         steps = steps_per_epoch(cfg, read_manifest(data_uri))  # the pipeline's epoch length
         measured = max(args.epochs - 2, 1)  # the pipeline's epochs 3.. are its steady state
 
-        pipeline = pipeline_run(data_uri, workdir, args.epochs)  # (a) first: it starts Ray
-        init_ray(cfg)
-        ray_rates = minimal_ray_loop(x, y, xv, manifest, batch, steps, workers, measured)  # (b)
-        bare_rates = bare_loop(x, y, xv, manifest, batch, steps, threads, measured)  # (c)
+        # (b) and (c) run before and after (a), and each ratio uses their pooled samples: this
+        # VM's speed drifts by 10-30% within minutes, and a one-sided order would read drift as
+        # a difference between the loops. (a) runs in a fresh process with its own Ray start
+        # (the bench's Ray is stopped first), as a user runs it.
+        import ray
+
+        ray_rates, bare_rates = [], []
+        for turn in ("before", "after"):
+            if turn == "after":
+                pipeline = pipeline_run(data_uri, workdir, args.epochs)  # (a)
+            init_ray(cfg)
+            ray_rates += minimal_ray_loop(x, y, xv, manifest, batch, steps, workers, measured)
+            ray.shutdown()
+            bare_rates += bare_loop(x, y, xv, manifest, batch, steps, threads, measured)
 
     a = statistics.median(pipeline["images_per_s"])
     b = statistics.median(ray_rates)

@@ -275,6 +275,9 @@ class LiveDisplay:
             TimeRemainingColumn(),
             console=console,
             transient=True,
+            # Every redraw costs driver CPU, which on a small machine is taken from the workers:
+            # an epoch bar needs no more than two a second (rich's default is ten).
+            refresh_per_second=2,
         )
         self.epochs = self.progress.add_task(
             "epochs", total=epochs, completed=start_epoch, status=""
@@ -316,6 +319,18 @@ class LiveDisplay:
         self.progress.__exit__(*exc)
 
 
+def _next_message(progress_queue, timeout: float | None) -> dict[str, Any] | None:
+    """The next progress message, waiting up to `timeout` s (None: don't wait); None if none."""
+    try:
+        if timeout is None:
+            return progress_queue.get_nowait()
+        return progress_queue.get(timeout=timeout)
+    except (queue.Empty, Exception) as exc:  # ray's queue raises its own Empty
+        if not isinstance(exc, queue.Empty) and type(exc).__name__ != "Empty":
+            raise
+        return None
+
+
 def _fit_with_display(trainer, progress_queue, display: LiveDisplay):
     outcome: dict[str, Any] = {}
 
@@ -328,12 +343,14 @@ def _fit_with_display(trainer, progress_queue, display: LiveDisplay):
     thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
     thread.start()
     with display:
-        while thread.is_alive() or not progress_queue.empty():
-            try:
-                display.handle(progress_queue.get(timeout=0.25))
-            except (queue.Empty, Exception) as exc:  # ray's queue raises its own Empty
-                if not isinstance(exc, queue.Empty) and type(exc).__name__ != "Empty":
-                    raise
+        # Block on the queue (each wake-up is a round trip to its actor, CPU the workers could
+        # use); once training has ended, drain what is left.
+        while thread.is_alive():
+            msg = _next_message(progress_queue, timeout=1.0)
+            if msg is not None:
+                display.handle(msg)
+        while (msg := _next_message(progress_queue, timeout=None)) is not None:
+            display.handle(msg)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]

@@ -44,8 +44,9 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def test_default_config_trains_two_workers_and_records_everything(ray_session, workdir, digits_uri):
     """`make train`'s config: 2 CPU workers, 40 epochs, >= 95% digits test accuracy.
 
-    (It reaches 98.1-99.6% depending on the seed; see README "Accuracy" for why 99.5% is not a
-    reliable bar on this split: three test images are ambiguous.)"""
+    (Seed 0, the config's, reaches 99.63% on the dev VM; seeds 0-3 gave 99.63, 98.51, 100 and
+    100%: see README "Accuracy". The bar here is the issue's 95%, which holds for any seed and
+    CPU, since another CPU's float rounding takes another trajectory.)"""
     cfg = config(workdir, digits_uri, "run.name=default")
     summary = run_training(cfg)
     assert summary.metrics["test_acc"] >= 0.95, summary.metrics
