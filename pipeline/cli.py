@@ -322,12 +322,13 @@ def train(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     from pipeline.train.ray_runtime import start_local_ray, stop_early_ray
 
     cfg = load_config(config, overrides or [])
-    ensure_dataset(cfg.with_absolute_paths(), err)  # data problems end here, before Ray starts
+    # Data problems end here, before Ray starts; training reuses the manifest.
+    manifest = ensure_dataset(cfg.with_absolute_paths(), err)
     start_local_ray(cfg)  # a local Ray comes up while torch and MLflow import and get checked
     try:
         from pipeline.train.trainer import run_training
 
-        summary = run_training(cfg, console=err)
+        summary = run_training(cfg, console=err, manifest=manifest)
     finally:
         stop_early_ray()  # only when training never needed it: MLflow down, a finished run
     m = summary.metrics

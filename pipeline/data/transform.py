@@ -53,12 +53,6 @@ class BatchTransform:
         x = self.to_tensor(pixels)
         return {"image": x.numpy(), "label": np.array(batch["label"], dtype=np.int64)}
 
-    @property
-    def output_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the tensors this transform makes."""
-        c, h, w = self.image.shape
-        return (c, *self.resize) if self.resize is not None else (c, h, w)
-
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """(N, H, W, C) uint8 -> normalised (N, C, H, W) float32, resized and augmented when
         configured."""

@@ -65,7 +65,7 @@ def start_local_ray(cfg: PipelineConfig) -> EarlyStart | None:
     # ray.init sets this SIGTERM handler only when called on the main thread, and warns otherwise.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    logging.getLogger("ray._private.worker").addFilter(_NotMainThreadWarning())
+    logging.getLogger("ray._private.worker").addFilter(_NOT_MAIN_THREAD_WARNING)  # no-op if present
     early = _early = EarlyStart(cfg)
     early._thread.start()
     return early
@@ -91,6 +91,9 @@ def stop_early_ray(timeout: float = 120.0) -> None:
 class _NotMainThreadWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "SIGTERM handler is not set" not in record.getMessage()
+
+
+_NOT_MAIN_THREAD_WARNING = _NotMainThreadWarning()
 
 
 def init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:

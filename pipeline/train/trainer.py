@@ -72,10 +72,14 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 # Pre-flight
 
 
-def preflight(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
+def preflight(
+    cfg: PipelineConfig, console: Console | None = None, manifest: Manifest | None = None
+) -> Manifest:
+    """Every check before a worker starts; `manifest`: the dataset was already checked by
+    `ensure_dataset` for this config (its manifest is not read twice)."""
     from pipeline import tracking
 
-    manifest = ensure_dataset(cfg, console)
+    manifest = manifest or ensure_dataset(cfg, console)
     with torch.device("meta"):  # checks name and arguments without allocating weights
         model_for(
             cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}),
@@ -396,14 +400,17 @@ def build_trainer(
 # The whole job
 
 
-def run_training(cfg: PipelineConfig, console: Console | None = None) -> TrainingSummary:
+def run_training(
+    cfg: PipelineConfig, console: Console | None = None, manifest: Manifest | None = None
+) -> TrainingSummary:
+    """Train `cfg` end to end; `manifest`, when given, is `ensure_dataset`'s for this config."""
     from mlflow.tracking import MlflowClient
     from ray.util.queue import Queue
 
     console = console or Console(stderr=True)
     started = _process_start()
     cfg = cfg.with_absolute_paths()
-    manifest = preflight(cfg, console)
+    manifest = preflight(cfg, console, manifest)
     startup = {"startup_preflight_s": time.time() - started}
     run_name = cfg.run.name or f"{cfg.tracking.experiment}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_id, experiment_id, completed = open_mlflow_run(cfg, run_name, manifest)
