@@ -18,8 +18,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cluster import ClusterError
-from pipeline.config import ConfigError, StorageConfig
+from pipeline.config import StorageConfig
+from pipeline.errors import ConfigError, PipelineError, UsageError
+from pipeline.tags import PULL_META_FILE, ROLLED_BACK_TAG
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 data_app = typer.Typer(no_args_is_help=True, help="Create, import, inspect and validate datasets.")
@@ -44,28 +45,6 @@ out = _console()
 err = _console(stderr=True)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.data.shards import DatasetError
-    from pipeline.nightly import NightlyError
-    from pipeline.storage import StorageError
-    from pipeline.tracking import TrackingUnavailable
-    from pipeline.train.trainer import TrainingError
-    from pipeline.tune import TuneError
-
-    return (
-        ConfigError,
-        ClusterError,
-        TuneError,
-        NightlyError,
-        DatasetError,
-        StorageError,
-        TrackingUnavailable,
-        TrainingError,
-        FileNotFoundError,
-        ValueError,
-    )
-
-
 def friendly_errors(fn):
     """Turn the errors a user can fix into one message and exit code 2."""
 
@@ -73,10 +52,7 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ClusterError) as exc:  # first: no torch/Ray imports to say it
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except _user_errors() as exc:
+        except PipelineError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -147,7 +123,7 @@ def data_prepare(
     from pipeline.data.sources import prepare_digits
 
     if source != "digits":
-        raise ValueError(f"unknown bundled dataset {source!r}; available: digits")
+        raise UsageError(f"unknown bundled dataset {source!r}; available: digits")
     opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding)
     manifest = prepare_digits(
         opts, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
@@ -161,9 +137,9 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size {size!r}: expected HxW, for example 32x32") from None
+        raise UsageError(f"--size {size!r}: expected HxW, for example 32x32") from None
     if h < 1 or w < 1:
-        raise ValueError(f"--size {size!r}: both sides must be positive")
+        raise UsageError(f"--size {size!r}: both sides must be positive")
     return h, w
 
 
@@ -293,7 +269,7 @@ def models_list(
     try:
         c, h, w = (int(v) for v in input_size.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--input-size {input_size!r}: expected CxHxW, e.g. 3x224x224") from None
+        raise UsageError(f"--input-size {input_size!r}: expected CxHxW, e.g. 3x224x224") from None
     rows = describe_models(input_size=(c, h, w), num_classes=num_classes)
     if as_json:
         out.print(json.dumps(rows, indent=2))
@@ -591,7 +567,7 @@ def rollback_command(
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """Move `champion` back to `previous-champion`."""
-    from pipeline.registry import ROLLED_BACK_TAG, rollback
+    from pipeline.registry import rollback
 
     _, client = _registry_setup(config, overrides, tracking_uri)
     old, new = rollback(client, name)
@@ -704,7 +680,7 @@ def pull_command(
 ) -> None:
     """Download a model, export it, check the export against the original, write it + hashes."""
     from pipeline.config import load_config
-    from pipeline.serving import PULL_META, pull
+    from pipeline.serving import pull
 
     _quiet_downloads()
     cfg = load_config(config, overrides or [])
@@ -727,7 +703,7 @@ def pull_command(
     check = record["check"]
     out.print(
         f"  checked on {check['samples']} sample inputs: max |diff| {check['max_abs_diff']:.2g} "
-        f"<= {check['tolerance']:g}; metadata in {dest / PULL_META}",
+        f"<= {check['tolerance']:g}; metadata in {dest / PULL_META_FILE}",
         highlight=False,
     )
 

@@ -33,6 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ClusterError
+from pipeline.tags import SUBMITTED_COMMAND_TAG
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0  # an unreachable head fails within this (plus one retry-free request)
 READ_TIMEOUT_S = 60.0  # a working_dir upload is acknowledged well within this
@@ -62,10 +65,6 @@ JOB_SCRIPTS = {
 }
 SHIPPED_DIR = "_submitted"  # where files from outside the project land in the working_dir
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot be reached or refused a request; the message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +291,7 @@ def submit(
             return client.submit_job(
                 entrypoint=spec.entrypoint(project_dir),
                 runtime_env=runtime_env,
-                metadata={"pipeline.command": spec.command},
+                metadata={SUBMITTED_COMMAND_TAG: spec.command},
             )
 
 

@@ -26,9 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and every bad field."""
+from pipeline.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from pipeline.config import StorageConfig
-from pipeline.data.shards import DatasetError, read_manifest, read_shard
+from pipeline.data.shards import read_manifest, read_shard
 from pipeline.data.transform import BatchTransform
+from pipeline.errors import DatasetError
 from pipeline.model_package import input_resize, load_logged_model, preprocessing
 from pipeline.storage import resolve
 from pipeline.train.metrics import EpochMeter, per_class_accuracy

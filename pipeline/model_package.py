@@ -26,18 +26,16 @@ from torch import nn
 
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.data.shards import ImageSpec, Manifest, Normalization
+from pipeline.errors import ModelError
 from pipeline.models.zoo import build_model
+from pipeline.tags import MODEL_ARTIFACT, MODEL_META_FILE, WEIGHTS_FILE
 
-WEIGHTS_FILE = "weights.pt"
-META_FILE = "pipeline_model.json"
-ARTIFACT_NAME = "model"
 PREDICTOR_NAME = "predictor"
 # The predictor's models-from-code entry point. Loaded (by MLflow, at log and serve time) only in
 # processes that have the pipeline installed; importing it here would turn the layers upside down.
 PREDICTOR_CODE = """\
 \"\"\"MLflow models-from-code entry point: the pipeline's image predictor (pipeline.serving).\"\"\"
 import mlflow
-
 from pipeline.serving import PyfuncPredictor
 
 mlflow.models.set_model(PyfuncPredictor())
@@ -92,14 +90,14 @@ def log_pipeline_model(model: nn.Module, cfg: PipelineConfig, manifest: Manifest
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
     with tempfile.TemporaryDirectory() as d:
-        files = Path(d) / ARTIFACT_NAME
+        files = Path(d) / MODEL_ARTIFACT
         files.mkdir()
         torch.save(model.state_dict(), files / WEIGHTS_FILE)
-        (files / META_FILE).write_text(json.dumps(meta, indent=2))
-        extra = [str(files / WEIGHTS_FILE), str(files / META_FILE)]
+        (files / MODEL_META_FILE).write_text(json.dumps(meta, indent=2))
+        extra = [str(files / WEIGHTS_FILE), str(files / MODEL_META_FILE)]
         info = mlflow.pytorch.log_model(
             model,
-            name=ARTIFACT_NAME,
+            name=MODEL_ARTIFACT,
             signature=signature,
             input_example=example,
             extra_files=extra,
@@ -183,7 +181,7 @@ def _requirements() -> list[str]:
 def rebuild(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network from a downloaded model directory, weights loaded weights-only."""
     model_dir = Path(model_dir)
-    meta_path = _find(model_dir, META_FILE)
+    meta_path = _find(model_dir, MODEL_META_FILE)
     meta = json.loads(meta_path.read_text())
     model = build_model(
         ModelConfig.model_validate(meta["model"]),
@@ -202,9 +200,7 @@ def _find(model_dir: Path, name: str) -> Path:
             return candidate
     found = sorted(model_dir.rglob(name))
     if not found:
-        raise FileNotFoundError(
-            f"{model_dir}: no {name}; this model was not logged by `pipeline train`"
-        )
+        raise ModelError(f"{model_dir}: no {name}; this model was not logged by `pipeline train`")
     return found[0]
 
 
@@ -218,7 +214,7 @@ def load_logged_model(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except MlflowException as exc:
-        raise ValueError(f"{uri}: cannot be downloaded from MLflow ({exc.message})") from None
+        raise ModelError(f"{uri}: cannot be downloaded from MLflow ({exc.message})") from None
     return rebuild(local)
 
 

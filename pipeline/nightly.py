@@ -28,24 +28,23 @@ from typing import Any
 from rich.console import Console
 
 from pipeline.config import PipelineConfig
-from pipeline.registry import (
+from pipeline.errors import NightlyError, RegistryError, root_cause
+from pipeline.registry import LockSettings, PromotionLock, aliases_of, mlflow_errors
+from pipeline.tags import (
     CHAMPION,
-    LockSettings,
-    PromotionLock,
-    RegistryError,
-    aliases_of,
-    mlflow_errors,
+    KIND_TAG,
+    MANIFEST_ARTIFACT,
+    NIGHTLY_CANDIDATE_TAG,
+    NIGHTLY_CHAMPION_AFTER_TAG,
+    NIGHTLY_CHAMPION_BEFORE_TAG,
+    NIGHTLY_DATE_TAG,
+    NIGHTLY_DECISION_TAG,
+    NIGHTLY_FORCED_TAG,
+    NIGHTLY_LOCK_TAG,
+    NIGHTLY_MODEL_TAG,
+    NIGHTLY_REPORT_DIR,
+    NIGHTLY_TRAINING_RUN_TAG,
 )
-from pipeline.tags import KIND_TAG
-
-DATE_TAG = "pipeline.nightly_date"
-DECISION_TAG = "pipeline.nightly_decision"
-NIGHTLY_LOCK_TAG = "pipeline.nightly_lock"
-REPORT_DIR = "nightly"
-
-
-class NightlyError(RuntimeError):
-    """The nightly run failed; the message says at which step and why. The champion is as it was."""
 
 
 class NightlyLock(PromotionLock):
@@ -143,8 +142,6 @@ def _champion_data(client, name: str, version: str) -> tuple[str | None, dict[st
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.train.trainer import MANIFEST_ARTIFACT
-
     with mlflow_errors(f"models:/{name}/{version}"):
         mv = client.get_model_version(name, version)
     digest = mv.tags.get("dataset_digest")
@@ -196,7 +193,7 @@ def _finished_today(client, experiment_id: str | None, name: str, date: str):
         return None
     runs = client.search_runs(
         [experiment_id],
-        f"tags.`{KIND_TAG}` = 'nightly' and tags.`{DATE_TAG}` = '{date}' "
+        f"tags.`{KIND_TAG}` = 'nightly' and tags.`{NIGHTLY_DATE_TAG}` = '{date}' "
         f"and tags.`pipeline.model_name` = '{name}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
@@ -275,7 +272,7 @@ def _locked(cfg, client, manifest, name, date, force, console, started) -> Night
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     done = _finished_today(client, exp.experiment_id if exp else None, name, date)
     if done is not None and not force:
-        decision = done.data.tags.get(DECISION_TAG, "?")
+        decision = done.data.tags.get(NIGHTLY_DECISION_TAG, "?")
         console.print(
             f"nightly {date} for {name!r} already ran (decision: {decision}, MLflow run "
             f"{done.info.run_id}); nothing to do. Use --force to run again."
@@ -294,9 +291,9 @@ def _locked(cfg, client, manifest, name, date, force, console, started) -> Night
         tags={
             **tracking.standard_tags(),
             KIND_TAG: "nightly",
-            DATE_TAG: date,
-            "pipeline.model_name": name,
-            "pipeline.forced": str(force).lower(),
+            NIGHTLY_DATE_TAG: date,
+            NIGHTLY_MODEL_TAG: name,
+            NIGHTLY_FORCED_TAG: str(force).lower(),
         },
     )
     mlflow.end_run()  # training opens its own run; the report is written at the end
@@ -311,7 +308,7 @@ def _locked(cfg, client, manifest, name, date, force, console, started) -> Night
         if isinstance(exc, KeyboardInterrupt | NightlyError):
             raise
         raise NightlyError(
-            f"nightly {date} for {name!r} failed: {_root(exc)} (champion unchanged: "
+            f"nightly {date} for {name!r} failed: {root_cause(exc)} (champion unchanged: "
             f"{_v(report.champion_after)}; report in MLflow run {report.nightly_run_id})"
         ) from exc
     _write_report(client, report, started, status="FINISHED")
@@ -375,14 +372,14 @@ def _write_report(client, report: NightlyReport, started: float, status: str) ->
     report.seconds = time.time() - started
     run_id = report.nightly_run_id
     payload = asdict(report)
-    client.log_dict(run_id, payload, f"{REPORT_DIR}/report.json")
-    client.log_text(run_id, report.to_markdown(), f"{REPORT_DIR}/report.md")
-    client.set_tag(run_id, DECISION_TAG, report.decision)
+    client.log_dict(run_id, payload, f"{NIGHTLY_REPORT_DIR}/report.json")
+    client.log_text(run_id, report.to_markdown(), f"{NIGHTLY_REPORT_DIR}/report.md")
+    client.set_tag(run_id, NIGHTLY_DECISION_TAG, report.decision)
     for key, value in {
-        "pipeline.champion_before": report.champion_before or "",
-        "pipeline.champion_after": report.champion_after or "",
-        "pipeline.candidate_version": report.candidate_version or "",
-        "pipeline.training_run_id": report.training_run_id or "",
+        NIGHTLY_CHAMPION_BEFORE_TAG: report.champion_before or "",
+        NIGHTLY_CHAMPION_AFTER_TAG: report.champion_after or "",
+        NIGHTLY_CANDIDATE_TAG: report.candidate_version or "",
+        NIGHTLY_TRAINING_RUN_TAG: report.training_run_id or "",
     }.items():
         if value:
             client.set_tag(run_id, key, value)
@@ -392,13 +389,6 @@ def _write_report(client, report: NightlyReport, started: float, status: str) ->
     for key, value in report.metrics.items():
         client.log_metric(run_id, key, value)
     client.set_terminated(run_id, status=status)
-
-
-def _root(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
 
 
 def report_json(report: NightlyReport) -> str:

@@ -26,19 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig, StorageConfig
+from pipeline.errors import RegistryError
+from pipeline.tags import (
+    CHAMPION,
+    COMPARISON_DIR,
+    CONFIG_DIGEST_TAG,
+    DATASET_DIGEST_TAG,
+    DECISION_PREFIX,
+    MODEL_META_FILE,
+    PREVIOUS_CHAMPION,
+    PROMOTION_LOCK_TAG,
+    ROLLED_BACK_TAG,
+    RUN_NAME_TAG,
+    SUMMARY_METRICS,
+)
 
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"
-LOCK_TAG = "pipeline.promotion_lock"  # registered-model tag used as a lease (see PromotionLock)
-ROLLED_BACK_TAG = "pipeline.rolled_back"  # on a version taken out of service by `rollback`
-DECISION_PREFIX = "promotion."  # version tags recording the last promotion decision
-COMPARISON_DIR = "promotion"  # run artifacts: one JSON + Markdown comparison per decision
-SUMMARY_METRICS = ("test_acc", "test_top5", "test_loss", "best_val_acc")
 _EPS = 1e-9  # accuracies are ratios of counts: differences below this are float noise
-
-
-class RegistryError(ValueError):
-    """A registry problem a user can fix; the message names the model, version or URI."""
 
 
 def version_tags(run: Any) -> dict[str, str]:
@@ -46,10 +49,10 @@ def version_tags(run: Any) -> dict[str, str]:
     tags = run.data.tags
     params = run.data.params
     out = {
-        "dataset_digest": tags.get("pipeline.dataset_digest", ""),
+        "dataset_digest": tags.get(DATASET_DIGEST_TAG, ""),
         "git_commit": tags.get("git_commit", "unknown"),
-        "config_digest": tags.get("pipeline.config_digest", ""),
-        "run_name": tags.get("pipeline.run_name", ""),
+        "config_digest": tags.get(CONFIG_DIGEST_TAG, ""),
+        "run_name": tags.get(RUN_NAME_TAG, ""),
         "model": params.get("model.name", ""),
     }
     for key in ("test_acc", "test_top5", "test_loss", "best_val_acc"):
@@ -289,13 +292,13 @@ def _evaluate(model_dir: Path, version: str, data_uri: str, split: str, storage)
 
 
 def _dataset_uri(model_dir: Path, name: str, version: str) -> str:
-    from pipeline.model_package import META_FILE, _find
+    from pipeline.model_package import _find
 
-    meta = json.loads(_find(model_dir, META_FILE).read_text())
+    meta = json.loads(_find(model_dir, MODEL_META_FILE).read_text())
     uri = (meta.get("dataset") or {}).get("uri")
     if not uri:
         raise RegistryError(
-            f"models:/{name}/{version}: its {META_FILE} records no dataset URI; pass --data"
+            f"models:/{name}/{version}: its {MODEL_META_FILE} records no dataset URI; pass --data"
         )
     return uri
 
@@ -475,7 +478,7 @@ class PromotionLock:
     and keeps SQLite's single writer from being hammered.
     """
 
-    tag = LOCK_TAG  # the registered-model tag that holds the lease
+    tag = PROMOTION_LOCK_TAG  # the registered-model tag that holds the lease
     purpose = (
         "promotion or rollback"  # what the lock serialises, for messages and the lock file's name
     )

@@ -22,12 +22,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import ScheduleError
+
 MARKER = "# pipeline-nightly"
 _TIME = re.compile(r"(\d{1,2}):(\d{2})")
-
-
-class ScheduleError(ValueError):
-    """A schedule the user can fix: a bad --at, a missing config, no crontab program."""
 
 
 @dataclass(frozen=True)

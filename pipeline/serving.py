@@ -45,20 +45,19 @@ from torch import nn
 from pipeline.config import TrackingConfig
 from pipeline.data.shards import ImageSpec
 from pipeline.data.transform import BatchTransform
+from pipeline.errors import IntegrityError, RegistryError, ServingError
 from pipeline.model_package import (
-    META_FILE,
     PREDICTOR_NAME,
-    WEIGHTS_FILE,
     example_input,
     input_resize,
     input_shape,
     preprocessing,
     rebuild,
 )
-from pipeline.registry import RegistryError, connect, mlflow_errors, resolve_version
+from pipeline.registry import connect, mlflow_errors, resolve_version
+from pipeline.tags import MODEL_META_FILE, PULL_META_FILE, WEIGHTS_FILE
 
 FORMATS = ("torchscript", "onnx", "state_dict", "mlflow")
-PULL_META = "pipeline_pull.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 # Largest |logit difference| allowed between an export and the network it came from. TorchScript
@@ -68,15 +67,6 @@ BATCH = 256  # images per forward pass: bounds memory for long lists
 
 ImageInput = Any  # np.ndarray (HxW, HxWxC, or NxHxWxC), PIL.Image.Image, bytes (PNG/JPEG)
 Forward = Callable[[np.ndarray], np.ndarray]  # normalised float32 NCHW -> logits (N, classes)
-
-
-class ServingError(ValueError):
-    """A model cannot be loaded, pulled or served, or an input is unusable; the message names
-    the URI, file or input and what to do."""
-
-
-class IntegrityError(ServingError):
-    """A pulled file is missing or does not match the sha256 recorded when it was pulled."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +234,7 @@ def load(uri: str, *, tracking_uri: str | None = None, timeout_s: float = 10.0) 
 
 
 def _load_dir(path: Path) -> Predictor:
-    if not (path / PULL_META).is_file():
+    if not (path / PULL_META_FILE).is_file():
         model, meta = rebuild(path)
         return Predictor(torch_forward(model), meta, source=str(path))
     pulled = verify_pulled(path)
@@ -260,7 +250,9 @@ def _forward_of(fmt: str, path: Path) -> Forward:
     if fmt in ("state_dict", "mlflow"):
         model, _ = rebuild(path)
         return torch_forward(model)
-    raise ServingError(f"{path / PULL_META}: unknown format {fmt!r}; expected one of {FORMATS}")
+    raise ServingError(
+        f"{path / PULL_META_FILE}: unknown format {fmt!r}; expected one of {FORMATS}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +344,7 @@ def pull(
             _EXPORTS[fmt](model, meta, local, staging)
             check = _check(fmt, model, meta, staging)
         record = _pull_record(fmt, source, meta, check, staging)
-        (staging / PULL_META).write_text(json.dumps(record, indent=2))
+        (staging / PULL_META_FILE).write_text(json.dumps(record, indent=2))
         verify_pulled(staging)
         _move_into_place(staging, dest)
     except BaseException:
@@ -422,7 +414,7 @@ def _export_state_dict(_model: nn.Module, _meta: dict[str, Any], local: Path, ou
 
     # Byte-for-byte the registered files: their hashes match what the run logged.
     shutil.copy2(_find(local, WEIGHTS_FILE), out / WEIGHTS_FILE)
-    shutil.copy2(_find(local, META_FILE), out / META_FILE)
+    shutil.copy2(_find(local, MODEL_META_FILE), out / MODEL_META_FILE)
 
 
 def _export_mlflow(_model: nn.Module, _meta: dict[str, Any], local: Path, out: Path) -> None:
@@ -477,7 +469,7 @@ def _files(root: Path) -> list[str]:
     return sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and p.name != PULL_META
+        if p.is_file() and p.name != PULL_META_FILE
     )
 
 
@@ -506,7 +498,7 @@ def _move_into_place(staging: Path, dest: Path) -> None:
 def verify_pulled(path: str | Path) -> dict[str, Any]:
     """Check every file listed in DEST/pipeline_pull.json against its sha256; the record."""
     path = Path(path)
-    meta_file = path / PULL_META
+    meta_file = path / PULL_META_FILE
     try:
         record = json.loads(meta_file.read_text())
         files: dict[str, str] = record["files"]
@@ -518,12 +510,12 @@ def verify_pulled(path: str | Path) -> dict[str, Any]:
         if not target.is_relative_to(root):
             raise IntegrityError(f"{meta_file}: file {rel!r} points outside {path}; pull again")
         if not target.is_file():
-            raise IntegrityError(f"{path / rel}: missing (listed in {PULL_META}); pull again")
+            raise IntegrityError(f"{path / rel}: missing (listed in {PULL_META_FILE}); pull again")
         actual = sha256_file(target)
         if actual != expected:
             raise IntegrityError(
                 f"{path / rel}: sha256 {actual[:16]}… does not match {expected[:16]}… recorded "
-                f"in {PULL_META}; the file was changed or corrupted, pull it again"
+                f"in {PULL_META_FILE}; the file was changed or corrupted, pull it again"
             )
     return record
 

@@ -19,10 +19,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from pipeline.config import StorageConfig
-
-
-class StorageError(RuntimeError):
-    """A storage problem, with the URI and the remedy in the message."""
+from pipeline.errors import StorageError
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import flatten
+from pipeline.errors import TrackingUnavailable
+from pipeline.tags import CONFIG_ARTIFACT, MLFLOW_GIT_COMMIT_TAG, TEST_METRICS_ARTIFACT
 
 # MLflow's own limits (mlflow.utils.validation): longer param values are rejected or truncated,
 # and one log_batch request takes at most 100 params.
@@ -39,10 +41,6 @@ MAX_PARAM_VALUE_CHARS = 6000
 PARAMS_PER_BATCH = 100
 
 _WHAT_TO_DO = "start it with `make mlflow` or set tracking.tracking_uri / MLFLOW_TRACKING_URI"
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking store cannot be reached or written; the message names the URI."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +218,7 @@ def standard_tags() -> dict[str, str]:
     commit = _git_commit()
     return {
         "git_commit": commit,
-        "mlflow.source.git.commit": commit,  # the tag MLflow's UI shows on the run page
+        MLFLOW_GIT_COMMIT_TAG: commit,  # the tag MLflow's UI shows on the run page
         "ray_version": _version("ray"),
         "torch_version": torch.__version__,  # with the build tag (+cu130, +cpu) pip metadata lacks
         "torchvision_version": torchvision.__version__,
@@ -458,12 +456,12 @@ def log_run_artifacts(
     """config.yaml, learning_curves.png, confusion_matrix.png, per_class_accuracy.csv and
     test_metrics.json, at the root of the active run's artifacts."""
     _active_run_id()
-    mlflow.log_text(config_yaml, "config.yaml")
+    mlflow.log_text(config_yaml, CONFIG_ARTIFACT)
     mlflow.log_figure(plot_learning_curves(history), "learning_curves.png")
     if confusion is not None:
         mlflow.log_figure(plot_confusion_matrix(confusion, class_names), "confusion_matrix.png")
         mlflow.log_text(per_class_accuracy_csv(confusion, class_names), "per_class_accuracy.csv")
-    mlflow.log_dict(_jsonable(test_metrics), "test_metrics.json")
+    mlflow.log_dict(_jsonable(test_metrics), TEST_METRICS_ARTIFACT)
 
 
 def _jsonable(value: Any) -> Any:

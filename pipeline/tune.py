@@ -37,22 +37,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from pipeline import storage as st
-from pipeline.config import (
-    ConfigError,
-    PipelineConfig,
-    deep_merge,
-    flatten,
-    format_validation_error,
+from pipeline.config import PipelineConfig, deep_merge, flatten, format_validation_error
+from pipeline.errors import ConfigError, TuneError
+from pipeline.tags import (
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    COMPLETED_TAG,
+    CONFIG_ARTIFACT,
+    EPOCH_METRICS,
+    KIND_TAG,
+    MODEL_VERSION_TAG,
+    PARENT_RUN_TAG,
+    SEARCH_RUN_TAG,
+    SEARCH_TAG,
+    STOPPED_AT_EPOCH_TAG,
+    TRIAL_STATE_TAG,
+    TRIAL_TAG,
 )
-from pipeline.tags import KIND_TAG
-
-SEARCH_TAG = "pipeline.search"
-TRIAL_TAG = "pipeline.trial_id"
-TRIAL_STATE_TAG = "pipeline.trial_state"  # completed | stopped | error
-PARENT_TAG = "mlflow.parentRunId"
 
 # Metrics every epoch reports (pipeline/train/loop.py); the search optimises one of them.
-EPOCH_METRICS = ("val_acc", "val_top5", "val_loss", "train_acc", "train_loss")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 # Fields a search must not vary: where runs are stored and logged, how they are resourced, and
 # the epoch budget (ASHA's time axis).
@@ -63,10 +66,6 @@ FIXED_FIELDS = ("train.epochs", "data.uri", "data.prepare")
 # The trial function only waits on its TorchTrainer, whose workers hold the real resources; Tune
 # refuses an empty request, hence a token share.
 TRIAL_FN_CPU = 0.01
-
-
-class TuneError(RuntimeError):
-    """The search could not run or finish; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +305,12 @@ def _run_trial(
     cfg = trial_config(base, params)
     man = Manifest.model_validate(manifest)
     run_name = f"{search}-{trial_id}"
-    tags = {PARENT_TAG: parent_run_id, SEARCH_TAG: search, TRIAL_TAG: trial_id, KIND_TAG: "trial"}
+    tags = {
+        PARENT_RUN_TAG: parent_run_id,
+        SEARCH_TAG: search,
+        TRIAL_TAG: trial_id,
+        KIND_TAG: "trial",
+    }
     run_id, _, completed = open_mlflow_run(cfg, run_name, man, tags=tags)
     if completed:  # a restored search re-ran a trial that had finished: nothing left to do
         return
@@ -583,7 +587,7 @@ def _open_parent(cfg, name: str, space: SearchSpace, manifest) -> tuple[str, str
         params=params,
         texts={
             "space.yaml": yaml.safe_dump(s.model_dump(), sort_keys=False),
-            "config.yaml": cfg.to_yaml(),
+            CONFIG_ARTIFACT: cfg.to_yaml(),
         },
     )
 
@@ -797,7 +801,6 @@ def _finish(cfg, space: SearchSpace, grid, summary_base: dict, console: Console)
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
-    from pipeline.train.loop import COMPLETED_TAG
 
     uri = cfg.tracking.resolved_uri()
     client = MlflowClient(uri)
@@ -805,7 +808,7 @@ def _finish(cfg, space: SearchSpace, grid, summary_base: dict, console: Console)
     children = {
         run.data.tags.get(TRIAL_TAG): run
         for run in client.search_runs(
-            [summary_base["experiment_id"]], f"tags.`{PARENT_TAG}` = '{parent_id}'"
+            [summary_base["experiment_id"]], f"tags.`{PARENT_RUN_TAG}` = '{parent_id}'"
         )
     }
     rows = _trial_rows(cfg, space, grid, children, client)
@@ -815,7 +818,7 @@ def _finish(cfg, space: SearchSpace, grid, summary_base: dict, console: Console)
             continue
         client.set_tag(row.run_id, TRIAL_STATE_TAG, row.state)
         if row.state == "stopped":
-            client.set_tag(row.run_id, "pipeline.stopped_at_epoch", str(row.epochs))
+            client.set_tag(row.run_id, STOPPED_AT_EPOCH_TAG, str(row.epochs))
         run = children[row.trial_id]
         if run.info.status == "RUNNING" or row.state != "completed":
             client.set_terminated(row.run_id, status=status[row.state])
@@ -854,15 +857,15 @@ def _finish(cfg, space: SearchSpace, grid, summary_base: dict, console: Console)
             mlflow.log_metric("best_test_acc", best.test_acc)
         mlflow.set_tags(
             {
-                "pipeline.best_trial_id": best.trial_id,
-                "pipeline.best_run_id": best.run_id or "",
+                BEST_TRIAL_TAG: best.trial_id,
+                BEST_RUN_TAG: best.run_id or "",
                 **{f"best.{k}": str(v) for k, v in best.params.items()},
             }
         )
         if cfg.registry.model_name and cfg.tracking.log_model:
             version = _register_best(cfg, best, summary_base)
             summary.model_version, summary.registered_name = str(version.version), version.name
-            mlflow.set_tag("pipeline.model_version", summary.model_version)
+            mlflow.set_tag(MODEL_VERSION_TAG, summary.model_version)
     if summary.best is None:
         console.print("[yellow]no trial completed its full budget: no model was registered[/]")
     mlflow.set_tag(COMPLETED_TAG, "true")
@@ -880,7 +883,7 @@ def _register_best(cfg: PipelineConfig, best: TrialRow, summary_base: dict):
     for key, value in {
         SEARCH_TAG: summary_base["name"],
         TRIAL_TAG: best.trial_id,
-        "pipeline.search_run_id": summary_base["parent_run_id"],
+        SEARCH_RUN_TAG: summary_base["parent_run_id"],
     }.items():
         client.set_model_version_tag(version.name, version.version, key, value)
     return version
@@ -969,10 +972,10 @@ def _summary_from_mlflow(cfg: PipelineConfig, summary_base: dict) -> TuneSummary
 
     run = MlflowClient(cfg.tracking.resolved_uri()).get_run(summary_base["parent_run_id"])
     summary = TuneSummary(**summary_base)
-    summary.model_version = run.data.tags.get("pipeline.model_version")
+    summary.model_version = run.data.tags.get(MODEL_VERSION_TAG)
     summary.registered_name = cfg.registry.model_name if summary.model_version else None
     summary.epochs_total = int(run.data.metrics.get("epochs_total", 0))
-    best_id = run.data.tags.get("pipeline.best_trial_id")
+    best_id = run.data.tags.get(BEST_TRIAL_TAG)
     if best_id:
         summary.best = TrialRow(
             trial_id=best_id,
@@ -985,7 +988,7 @@ def _summary_from_mlflow(cfg: PipelineConfig, summary_base: dict) -> TuneSummary
                 for k, v in run.data.tags.items()
                 if k.startswith("best.")
             },
-            run_id=run.data.tags.get("pipeline.best_run_id"),
+            run_id=run.data.tags.get(BEST_RUN_TAG),
             test_acc=run.data.metrics.get("best_test_acc"),
         )
     return summary

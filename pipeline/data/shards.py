@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
+from pipeline.errors import DatasetError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,10 +43,6 @@ SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),
     ]
 )
-
-
-class DatasetError(RuntimeError):
-    """A dataset problem; the message names the URI or file and what to do."""
 
 
 class ShardInfo(BaseModel):

@@ -16,7 +16,8 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import StorageConfig
-from pipeline.data.shards import DatasetError, DatasetWriter, ImageSpec, Manifest
+from pipeline.data.shards import DatasetWriter, ImageSpec, Manifest
+from pipeline.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}

@@ -21,13 +21,13 @@ from pipeline import storage as st
 from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.data.shards import (
     SCHEMA,
-    DatasetError,
     Manifest,
     ShardInfo,
     dataset_digest,
     decode_images,
     read_manifest,
 )
+from pipeline.errors import DatasetError
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -1,12 +1,8 @@
 """ResNet model zoo: torchvision-compatible ImageNet ResNets, CIFAR ResNets, dynamic-conv variants,
 and transfer-learning helpers. See `zoo.build_model` for the entry point used by the trainer."""
 
-from pipeline.models.dynamic_conv import (
-    DynamicConv2d,
-    DynamicSpec,
-    set_temperature,
-    temperature_at,
-)
+from pipeline.errors import UnknownModelError
+from pipeline.models.dynamic_conv import DynamicConv2d, DynamicSpec, set_temperature, temperature_at
 from pipeline.models.resnet import ResNet, cifar_resnet
 from pipeline.models.transfer import (
     LoadReport,
@@ -17,7 +13,6 @@ from pipeline.models.transfer import (
 )
 from pipeline.models.zoo import (
     MODEL_NAMES,
-    UnknownModelError,
     build_model,
     count_macs,
     describe_models,

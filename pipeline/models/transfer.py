@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.errors import ModelError
+
 __all__ = ["LoadReport", "freeze_backbone", "load_weights", "parameter_groups", "replace_head"]
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -59,16 +61,16 @@ def _read_state_dict(source: str, tracking_uri: str | None = None) -> dict[str, 
         try:
             model = mlflow.pytorch.load_model(source, map_location="cpu")
         except MlflowException as exc:
-            raise ValueError(f"{source}: cannot load the MLflow model: {exc.message}") from exc
+            raise ModelError(f"{source}: cannot load the MLflow model: {exc.message}") from exc
         return dict(model.state_dict())
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
+        raise ModelError(f"{path}: weights file not found")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]  # a training checkpoint: {"model": state_dict, "optimizer": ...}
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
+        raise ModelError(
             f"{path}: not a state dict (expected a mapping of tensor names to tensors, or a "
             'checkpoint with one under "model")'
         )
@@ -83,7 +85,7 @@ def load_weights(
 ) -> LoadReport:
     """Load matching tensors from a state dict file or an MLflow model URI into `model`.
 
-    Raises FileNotFoundError for a missing file, and ValueError for a shape mismatch outside the
+    Raises ModelError for a missing file, a shape mismatch outside the
     head or when no key matches at all (probably another architecture).
     """
     state = _read_state_dict(source, tracking_uri)
@@ -95,7 +97,7 @@ def load_weights(
             report.unexpected.append(key)
         elif tensor.shape != target[key].shape:
             if not _is_head(key, head_prefix):
-                raise ValueError(
+                raise ModelError(
                     f"{source}: {key} has shape {tuple(tensor.shape)} in the weights but "
                     f"{tuple(target[key].shape)} in the model; only the '{head_prefix}' head may "
                     "differ (check the model name, small_input and in_channels)"
@@ -104,7 +106,7 @@ def load_weights(
         else:
             to_load[key] = tensor
     if not to_load:
-        raise ValueError(
+        raise ModelError(
             f"{source}: no tensor name matches the model (e.g. the weights have "
             f"{next(iter(state), 'nothing')!r}); is it the same architecture?"
         )

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import ModelConfig
+from pipeline.errors import UnknownModelError
 from pipeline.models import resnet
 from pipeline.models.dynamic_conv import DynamicSpec
 
@@ -41,18 +42,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-class UnknownModelError(ValueError):
-    """A model name the zoo does not know; the message lists the valid names."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-        self.name = name
-
-
 def model_family(name: str) -> str:
     """'resnet', 'cifar_resnet', 'dy_resnet' or 'dy_cifar_resnet'."""
     if name not in _BUILDERS:
-        raise UnknownModelError(name)
+        raise UnknownModelError(name, MODEL_NAMES)
     return name.rstrip("0123456789")
 
 

@@ -32,6 +32,7 @@ from pipeline.data.transform import BatchTransform, WorkerCache, iter_split
 from pipeline.models.dynamic_conv import set_temperature, temperature_at
 from pipeline.models.transfer import freeze_backbone, load_weights, parameter_groups
 from pipeline.models.zoo import build_model
+from pipeline.tags import COMPLETED_TAG
 from pipeline.train.metrics import EpochMeter, global_throughput
 from pipeline.train.optim import (
     BatchMixer,
@@ -46,7 +47,6 @@ from pipeline.train.optim import (
 )
 
 CHECKPOINT_FILE = "checkpoint.pt"
-COMPLETED_TAG = "pipeline.completed"  # set last: the run has test metrics, artifacts and a model
 
 
 @dataclass

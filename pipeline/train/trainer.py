@@ -23,23 +23,20 @@ from pipeline import storage as st
 from pipeline.config import PipelineConfig
 from pipeline.data.shards import Manifest
 from pipeline.data.validate import ensure_dataset
-from pipeline.tags import KIND_TAG
-from pipeline.train.entry import train_loop_per_worker
-from pipeline.train.loop import (
+from pipeline.errors import TrainingError, root_cause
+from pipeline.tags import (
     COMPLETED_TAG,
-    model_for,
-    per_worker_batch,
-    steps_per_epoch,
+    CONFIG_DIGEST_TAG,
+    DATASET_DIGEST_TAG,
+    KIND_TAG,
+    MANIFEST_ARTIFACT,
+    RUN_NAME_TAG,
 )
+from pipeline.train.entry import train_loop_per_worker
+from pipeline.train.loop import model_for, per_worker_batch, steps_per_epoch
 from pipeline.train.ray_runtime import init_ray
 
-RUN_NAME_TAG = "pipeline.run_name"
-MANIFEST_ARTIFACT = "dataset/manifest.json"  # the manifest of the data a run trained on
 _IMPORTED_AT = time.time()
-
-
-class TrainingError(RuntimeError):
-    """Training could not run or did not finish; the message says why and what to do."""
 
 
 @dataclass
@@ -233,8 +230,8 @@ def open_mlflow_run(
     tags = {
         **tracking.standard_tags(),
         RUN_NAME_TAG: run_name,
-        "pipeline.dataset_digest": manifest.digest,
-        "pipeline.config_digest": cfg.digest(),
+        DATASET_DIGEST_TAG: manifest.digest,
+        CONFIG_DIGEST_TAG: cfg.digest(),
         **(tags or {}),
     }
     run_id = tracking.start_or_resume_run(
@@ -442,10 +439,10 @@ def run_training(
             result = _fit_with_display(trainer, progress_queue, display)
         except Exception as exc:
             MlflowClient(uri).set_terminated(run_id, status="FAILED")
-            raise TrainingError(f"training run {run_name!r} failed: {_root_cause(exc)}") from exc
+            raise TrainingError(f"training run {run_name!r} failed: {root_cause(exc)}") from exc
         if result.error is not None:
             MlflowClient(uri).set_terminated(run_id, status="FAILED")
-            raise TrainingError(f"training run {run_name!r} failed: {_root_cause(result.error)}")
+            raise TrainingError(f"training run {run_name!r} failed: {root_cause(result.error)}")
     return _summary(cfg, run_name, run_id, experiment_id, time.time() - started)
 
 
@@ -461,13 +458,6 @@ def _process_start() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return _IMPORTED_AT
-
-
-def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
 
 
 def _summary(cfg: PipelineConfig, run_name: str, run_id: str, experiment_id: str, seconds: float):

@@ -286,8 +286,7 @@ def test_working_dir_ships_code_and_config_but_no_local_state(tmp_path):
 def test_submitted_training_succeeds_and_is_tracked(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.loop import COMPLETED_TAG
-    from pipeline.train.trainer import RUN_NAME_TAG
+    from pipeline.tags import COMPLETED_TAG, RUN_NAME_TAG
 
     name = f"cluster-{uuid.uuid4().hex[:8]}"
     job = digits_job(tmp_path, f"registry.model_name={name}", f"run.name={name}")

@@ -20,15 +20,10 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import load_config
 from pipeline.data.shards import Manifest, ShardInfo, dataset_digest
 from pipeline.data.sources import WriteOptions, prepare_digits
-from pipeline.nightly import (
-    DATE_TAG,
-    DECISION_TAG,
-    KIND_TAG,
-    NightlyError,
-    NightlyLock,
-    run_nightly,
-)
+from pipeline.errors import NightlyError
+from pipeline.nightly import NightlyLock, run_nightly
 from pipeline.registry import LockSettings, aliases_of
+from pipeline.tags import KIND_TAG, NIGHTLY_DATE_TAG, NIGHTLY_DECISION_TAG
 
 REPO = Path(__file__).resolve().parents[2]
 NIGHTLY_CONFIG = REPO / "jobs" / "configs" / "nightly.yaml"
@@ -148,8 +143,8 @@ def test_nightly_trains_promotes_skips_and_fine_tunes_on_new_shards(ray_session,
     assert report["promotion"]["candidate"]["version"] == "2"
     run = client.get_run(forced.nightly_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags[DECISION_TAG] == forced.decision
-    assert run.data.tags[DATE_TAG] == "2026-11-29"
+    assert run.data.tags[NIGHTLY_DECISION_TAG] == forced.decision
+    assert run.data.tags[NIGHTLY_DATE_TAG] == "2026-11-29"
     md = client.download_artifacts(forced.nightly_run_id, "nightly/report.md", str(tmp))
     assert added in Path(md).read_text()
 
@@ -165,9 +160,9 @@ def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(ray_sessi
     with pytest.raises(NightlyError, match="champion unchanged: v1"):
         run_nightly(failing, date="2026-11-30", force=True)
     assert aliases_of(client, "nightly-model")["champion"] == "1"
-    failed = [r for r in nightly_runs(client) if r.data.tags[DATE_TAG] == "2026-11-30"]
+    failed = [r for r in nightly_runs(client) if r.data.tags[NIGHTLY_DATE_TAG] == "2026-11-30"]
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
-    assert failed[0].data.tags[DECISION_TAG] == "failed"
+    assert failed[0].data.tags[NIGHTLY_DECISION_TAG] == "failed"
     report = report_of(client, failed[0].info.run_id, tmp)
     assert report["error"] and report["champion_after"] == "1"
 
@@ -193,7 +188,7 @@ def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(ray_sessi
     assert proc.returncode == 2, proc.stderr
     assert "another nightly run is in progress" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not [r for r in nightly_runs(client) if r.data.tags[DATE_TAG] == "2026-12-01"]
+    assert not [r for r in nightly_runs(client) if r.data.tags[NIGHTLY_DATE_TAG] == "2026-12-01"]
     assert aliases_of(client, "nightly-model")["champion"] == "1"
     assert len(client.search_model_versions("name = 'nightly-model'")) == 1
 
@@ -221,6 +216,6 @@ def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(ray_sessi
     )
     assert [code for code, _ in outcomes] == [0, 2], outcomes
     assert "another nightly run is in progress" in outcomes[1][1]
-    day = [r for r in nightly_runs(client) if r.data.tags[DATE_TAG] == "2026-12-02"]
+    day = [r for r in nightly_runs(client) if r.data.tags[NIGHTLY_DATE_TAG] == "2026-12-02"]
     assert len(day) == 1 and day[0].info.status == "FINISHED"
     assert len(client.search_model_versions("name = 'nightly-model'")) == 2

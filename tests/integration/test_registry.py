@@ -28,16 +28,12 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.data.shards import Manifest
 from pipeline.data.sources import WriteOptions, prepare_digits
 from pipeline.data.transform import iter_split
+from pipeline.errors import RegistryError
 from pipeline.evaluation import evaluate_model
 from pipeline.model_package import log_pipeline_model
 from pipeline.registry import (
-    CHAMPION,
-    LOCK_TAG,
-    PREVIOUS_CHAMPION,
-    ROLLED_BACK_TAG,
     LockSettings,
     PromotionLock,
-    RegistryError,
     best_runs,
     connect,
     promote,
@@ -45,6 +41,7 @@ from pipeline.registry import (
     registered_versions,
     rollback,
 )
+from pipeline.tags import CHAMPION, PREVIOUS_CHAMPION, PROMOTION_LOCK_TAG, ROLLED_BACK_TAG
 from pipeline.tracking import log_params_flat, standard_tags, start_or_resume_run
 from pipeline.train.loop import model_for
 
@@ -275,7 +272,9 @@ def test_worse_candidate_is_refused_and_aliases_are_untouched(client, cfg, runs)
     )
     tags = client.get_model_version(name, v["weak"]).tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.reason"] == decision.reason
-    assert LOCK_TAG not in client.get_registered_model(name).tags  # the lease was released
+    assert (
+        PROMOTION_LOCK_TAG not in client.get_registered_model(name).tags
+    )  # the lease was released
 
 
 def test_margin_and_class_floor_can_refuse_a_better_candidate(client, cfg, runs):
@@ -394,9 +393,9 @@ def test_promotion_lock_is_mutually_exclusive_across_processes(env, cfg, runs, t
 def test_a_stale_lease_is_taken_over_and_a_live_one_times_out(client, cfg, runs):
     name, _ = registered(cfg, runs, "weak")
     dead = {"token": "dead", "host": "gone", "pid": 1, "expires": time.time() - 1}
-    client.set_registered_model_tag(name, LOCK_TAG, json.dumps(dead))
+    client.set_registered_model_tag(name, PROMOTION_LOCK_TAG, json.dumps(dead))
     with PromotionLock(client, name, FAST_LOCK):
-        live = json.loads(client.get_registered_model(name).tags[LOCK_TAG])
+        live = json.loads(client.get_registered_model(name).tags[PROMOTION_LOCK_TAG])
         assert live["token"] != "dead"
         impatient = LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=1.0)
         with (
@@ -404,7 +403,7 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_times_out(client, cfg, runs)
             PromotionLock(client, name, impatient),
         ):
             pass
-    assert LOCK_TAG not in client.get_registered_model(name).tags
+    assert PROMOTION_LOCK_TAG not in client.get_registered_model(name).tags
 
 
 # --- queries ------------------------------------------------------------------------------------

@@ -18,15 +18,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline.registry import (
-    CHAMPION,
-    PREVIOUS_CHAMPION,
-    ROLLED_BACK_TAG,
-    best_runs,
-    connect,
-    promote,
-    rollback,
-)
+from pipeline.registry import best_runs, connect, promote, rollback
+from pipeline.tags import CHAMPION, PREVIOUS_CHAMPION, ROLLED_BACK_TAG
 from tests.conftest import MlflowServer, free_port, running_mlflow_server
 from tests.integration.test_registry import (
     FAST_LOCK,

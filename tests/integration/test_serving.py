@@ -26,19 +26,11 @@ from pipeline import serving
 from pipeline.cli import app
 from pipeline.data.shards import decode_images, read_shard
 from pipeline.data.sources import WriteOptions, import_image_folder, prepare_digits
+from pipeline.errors import IntegrityError, ServingError, TrackingUnavailable
 from pipeline.evaluation import evaluate_model
-from pipeline.registry import CHAMPION, connect, promote
-from pipeline.serving import (
-    FORMATS,
-    PULL_META,
-    IntegrityError,
-    ServingError,
-    load,
-    pull,
-    sha256_file,
-    to_pixels,
-)
-from pipeline.tracking import TrackingUnavailable
+from pipeline.registry import connect, promote
+from pipeline.serving import FORMATS, load, pull, sha256_file, to_pixels
+from pipeline.tags import CHAMPION, PULL_META_FILE
 from tests.conftest import free_port, stop
 from tests.integration.test_registry import (
     FAST_LOCK,
@@ -221,7 +213,7 @@ def test_pull_every_format_matches_the_original(
     dest = tmp_path / fmt
     record = pull(champion["uri"], dest, fmt)
 
-    on_disk = json.loads((dest / PULL_META).read_text())
+    on_disk = json.loads((dest / PULL_META_FILE).read_text())
     assert on_disk == record
     assert record["source"]["version"] == champion["version"]
     assert record["source"]["run_id"] == champion["run_id"]
@@ -285,7 +277,7 @@ def test_a_failed_pull_leaves_no_partial_dest(env, champion, tmp_path, monkeypat
         pull(champion["uri"], existing, "torchscript")
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     pull(champion["uri"], existing, "torchscript", overwrite=True)
-    assert not (existing / "keep.txt").exists() and (existing / PULL_META).is_file()
+    assert not (existing / "keep.txt").exists() and (existing / PULL_META_FILE).is_file()
 
 
 def test_cli_pull(env, champion, tmp_path):

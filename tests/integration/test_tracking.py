@@ -17,8 +17,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineConfig
+from pipeline.errors import TrackingUnavailable
 from pipeline.tracking import (
-    TrackingUnavailable,
     check_tracking_server,
     log_dataset_input,
     log_epoch_metrics,

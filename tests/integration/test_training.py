@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.data.sources import WriteOptions, prepare_digits
-from pipeline.train.trainer import TrainingError, run_training
+from pipeline.errors import TrainingError
+from pipeline.train.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = REPO / "jobs" / "configs" / "digits.yaml"

@@ -15,14 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.tune import (
-    PARENT_TAG,
-    SEARCH_TAG,
-    TRIAL_STATE_TAG,
-    TRIAL_TAG,
-    parse_search_space,
-    run_tune,
-)
+from pipeline.tags import PARENT_RUN_TAG, SEARCH_TAG, TRIAL_STATE_TAG, TRIAL_TAG
+from pipeline.tune import parse_search_space, run_tune
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = REPO / "jobs" / "configs" / "digits.yaml"
@@ -79,7 +73,7 @@ def test_asha_search_records_the_hierarchy_and_registers_the_best_trial(
     assert parent.data.params["tune.scheduler"] == "asha"
     assert parent.data.metrics["trials_stopped"] == len(stopped)
     children = client.search_runs(
-        [summary.experiment_id], f"tags.`{PARENT_TAG}` = '{summary.parent_run_id}'"
+        [summary.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{summary.parent_run_id}'"
     )
     assert len(children) == 4
     by_trial = {c.data.tags[TRIAL_TAG]: c for c in children}
@@ -211,7 +205,7 @@ def test_an_interrupted_search_resumes_under_the_same_name(tmp_path, digits_uri)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["pipeline.completed"] == "true"
     children = client.search_runs(
-        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+        [parent.info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'"
     )
     assert len(children) == 3
     assert len({c.data.tags[TRIAL_TAG] for c in children}) == 3

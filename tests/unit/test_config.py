@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, flatten, load_config, parse_overrides
+from pipeline.config import PipelineConfig, flatten, load_config, parse_overrides
+from pipeline.errors import ConfigError
 
 
 def test_defaults_validate_and_round_trip(tmp_path):

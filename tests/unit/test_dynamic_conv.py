@@ -7,11 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.dynamic_conv import (
-    DynamicConv2d,
-    set_temperature,
-    temperature_at,
-)
+from pipeline.models.dynamic_conv import DynamicConv2d, set_temperature, temperature_at
 from pipeline.models.zoo import count_macs
 
 ALGORITHMS = ["aggregate", "mix", "auto"]

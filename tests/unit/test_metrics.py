@@ -9,12 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.train.metrics import (
-    EpochMeter,
-    global_throughput,
-    per_class_accuracy,
-    top_k_correct,
-)
+from pipeline.train.metrics import EpochMeter, global_throughput, per_class_accuracy, top_k_correct
 
 NUM_CLASSES = 7
 

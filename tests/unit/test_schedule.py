@@ -13,14 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.schedule import (
-    MARKER,
-    ScheduleError,
-    crontab_line,
-    merge_crontab,
-    nightly_entry,
-    parse_time,
-)
+from pipeline.errors import ScheduleError
+from pipeline.schedule import MARKER, crontab_line, merge_crontab, nightly_entry, parse_time
 
 runner = CliRunner()
 PIPELINE_EXE = Path(sys.executable).absolute().parent / "pipeline"

@@ -10,13 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.errors import ModelError
 from pipeline.models import resnet
-from pipeline.models.transfer import (
-    freeze_backbone,
-    load_weights,
-    parameter_groups,
-    replace_head,
-)
+from pipeline.models.transfer import freeze_backbone, load_weights, parameter_groups, replace_head
 
 
 @pytest.fixture
@@ -96,7 +92,7 @@ def test_torchvision_resnet_round_trip(tmp_path):
 
 def test_missing_file_and_wrong_architecture(tmp_path):
     missing = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(ModelError, match=str(missing)):
         load_weights(resnet.resnet18(), str(missing))
     path = tmp_path / "cifar.pt"
     torch.save({"conv.weight": torch.zeros(1)}, path)

@@ -10,15 +10,10 @@ from rich.table import Table
 from torch import nn
 
 from pipeline.config import DynamicConvConfig, ModelConfig
+from pipeline.errors import UnknownModelError
 from pipeline.models.dynamic_conv import DynamicConv2d
 from pipeline.models.resnet import IMAGENET_REFERENCE
-from pipeline.models.zoo import (
-    MODEL_NAMES,
-    UnknownModelError,
-    build_model,
-    describe_models,
-    format_model_table,
-)
+from pipeline.models.zoo import MODEL_NAMES, build_model, describe_models, format_model_table
 
 
 def test_model_names():
