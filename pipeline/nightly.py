@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
-
 from pipeline.config import PipelineConfig
 from pipeline.errors import NightlyError, RegistryError, root_cause
+from pipeline.events import EventSink
 from pipeline.registry import LockSettings, PromotionLock, aliases_of, mlflow_errors
 from pipeline.tags import (
     CHAMPION,
@@ -45,6 +45,8 @@ from pipeline.tags import (
     NIGHTLY_REPORT_DIR,
     NIGHTLY_TRAINING_RUN_TAG,
 )
+
+log = logging.getLogger(__name__)
 
 
 class NightlyLock(PromotionLock):
@@ -234,13 +236,12 @@ def run_nightly(
     *,
     force: bool = False,
     date: str | None = None,
-    console: Console | None = None,
+    on_event: EventSink | None = None,
     lock: LockSettings | None = None,
 ) -> NightlyReport:
     from pipeline.registry import connect
     from pipeline.train.trainer import preflight
 
-    console = console or Console(stderr=True)
     started = time.time()
     cfg = cfg.with_absolute_paths()
     name = cfg.registry.model_name
@@ -251,7 +252,7 @@ def run_nightly(
     date = date or datetime.now(UTC).date().isoformat()
     uri = cfg.tracking.resolved_uri()
     client = connect(uri, cfg.tracking.timeout_s)
-    manifest = preflight(cfg, console)  # data, model and server checked before anything else
+    manifest = preflight(cfg)  # data, model and server checked before anything else
     _ensure_registered_model(client, name)
     # Refuse at once when another nightly run holds the lock: waiting would only run it twice.
     settings = lock or LockSettings(timeout_s=10.0, ttl_s=300.0)
@@ -260,10 +261,10 @@ def run_nightly(
             held.enter_context(NightlyLock(client, name, settings))
         except RegistryError as exc:
             raise NightlyError(f"another nightly run is in progress: {exc}") from None
-        return _locked(cfg, client, manifest, name, date, force, console, started)
+        return _locked(cfg, client, manifest, name, date, force, on_event, started)
 
 
-def _locked(cfg, client, manifest, name, date, force, console, started) -> NightlyReport:
+def _locked(cfg, client, manifest, name, date, force, on_event, started) -> NightlyReport:
     import mlflow
 
     from pipeline import tracking
@@ -273,9 +274,13 @@ def _locked(cfg, client, manifest, name, date, force, console, started) -> Night
     done = _finished_today(client, exp.experiment_id if exp else None, name, date)
     if done is not None and not force:
         decision = done.data.tags.get(NIGHTLY_DECISION_TAG, "?")
-        console.print(
-            f"nightly {date} for {name!r} already ran (decision: {decision}, MLflow run "
-            f"{done.info.run_id}); nothing to do. Use --force to run again."
+        log.info(
+            "nightly %s for %r already ran (decision: %s, MLflow run %s); nothing to do. "
+            "Use --force to run again.",
+            date,
+            name,
+            decision,
+            done.info.run_id,
         )
         return NightlyReport(
             date, name, "skipped", f"already ran today: {decision}", nightly_run_id=done.info.run_id
@@ -298,13 +303,12 @@ def _locked(cfg, client, manifest, name, date, force, console, started) -> Night
     )
     mlflow.end_run()  # training opens its own run; the report is written at the end
     try:
-        _retrain(cfg, client, manifest, name, champion, report, run_name, force, console)
+        _retrain(cfg, client, manifest, name, champion, report, run_name, force, on_event)
     except BaseException as exc:
         report.decision = "failed"
         report.error = f"{type(exc).__name__}: {exc}"
         report.reason = "the run failed; the champion was not changed"
-        report.champion_after = aliases_of(client, name).get(CHAMPION)
-        _write_report(client, report, started, status="FAILED")
+        _record_failure(client, report, name, started)
         if isinstance(exc, KeyboardInterrupt | NightlyError):
             raise
         raise NightlyError(
@@ -315,7 +319,7 @@ def _locked(cfg, client, manifest, name, date, force, console, started) -> Night
     return report
 
 
-def _retrain(cfg, client, manifest, name, champion, report, run_name, force, console) -> None:
+def _retrain(cfg, client, manifest, name, champion, report, run_name, force, on_event) -> None:
     from pipeline.registry import promote
     from pipeline.train.trainer import run_training
 
@@ -328,15 +332,18 @@ def _retrain(cfg, client, manifest, name, champion, report, run_name, force, con
             f"(digest {manifest.digest[:16]}); nothing to do"
         )
         report.champion_after = champion
-        console.print(report.reason)
+        log.info(report.reason)
         return
     train_cfg = training_config(cfg, champion, f"{run_name}-train")
     report.init = train_cfg.model.weights or "scratch"
-    console.print(
-        f"nightly {report.date}: {len(report.data.new_shards)} new shard(s) "
-        f"({report.data.new_rows} rows); training from {report.init}"
+    log.info(
+        "nightly %s: %d new shard(s) (%d rows); training from %s",
+        report.date,
+        len(report.data.new_shards),
+        report.data.new_rows,
+        report.init,
     )
-    summary = run_training(train_cfg, console)
+    summary = run_training(train_cfg)
     report.training_run_id = summary.run_id
     report.candidate_version = summary.model_version
     report.metrics = {
@@ -365,7 +372,21 @@ def _retrain(cfg, client, manifest, name, champion, report, run_name, force, con
     report.decision = "promoted" if decision.acted else "refused"
     report.reason = decision.reason
     report.champion_after = aliases_of(client, name).get(CHAMPION)
-    console.print(f"promotion of v{summary.model_version}: {decision.outcome}: {decision.reason}")
+    log.info("promotion of v%s: %s: %s", summary.model_version, decision.outcome, decision.reason)
+
+
+def _record_failure(client, report: NightlyReport, name: str, started: float) -> None:
+    """Write the FAILED report. With MLflow itself down this fails too: say so in a log line and
+    let the caller raise the original error, which is the one the user needs."""
+    try:
+        report.champion_after = aliases_of(client, name).get(CHAMPION)
+        _write_report(client, report, started, status="FAILED")
+    except Exception as exc:  # any failure here must not hide the first one
+        log.warning(
+            "could not write the nightly report to MLflow run %s (%s)",
+            report.nightly_run_id,
+            root_cause(exc),
+        )
 
 
 def _write_report(client, report: NightlyReport, started: float, status: str) -> None:

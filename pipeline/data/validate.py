@@ -11,8 +11,8 @@ runs it before it starts anything else.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,8 +29,7 @@ from pipeline.data.shards import (
 )
 from pipeline.errors import DatasetError
 
-if TYPE_CHECKING:
-    from rich.console import Console
+log = logging.getLogger(__name__)
 
 
 def validate_dataset(
@@ -117,7 +116,7 @@ def check_shards_present(
         )
 
 
-def ensure_dataset(cfg: PipelineConfig, console: Console | None = None) -> Manifest:
+def ensure_dataset(cfg: PipelineConfig) -> Manifest:
     """Read the manifest; create the bundled dataset first when configured and absent."""
     uri = cfg.data.uri
     root = st.resolve(uri, cfg.storage)
@@ -128,8 +127,7 @@ def ensure_dataset(cfg: PipelineConfig, console: Console | None = None) -> Manif
     ):
         from pipeline.data.sources import WriteOptions, prepare_digits
 
-        if console:
-            console.print(f"preparing the bundled digits dataset at {uri}")
+        log.info("preparing the bundled digits dataset at %s", uri)
         prepare_digits(WriteOptions(out=uri, storage=cfg.storage))
     manifest = read_manifest(uri, cfg.storage)
     check_shards_present(uri, manifest, cfg.storage)

@@ -16,7 +16,6 @@ from pipeline.models.zoo import (
     build_model,
     count_macs,
     describe_models,
-    format_model_table,
 )
 
 __all__ = [
@@ -30,7 +29,6 @@ __all__ = [
     "cifar_resnet",
     "count_macs",
     "describe_models",
-    "format_model_table",
     "freeze_backbone",
     "load_weights",
     "parameter_groups",

@@ -3,7 +3,7 @@
 `build_model(cfg, in_channels=..., num_classes=...)` turns a `ModelConfig` into a network;
 `describe_models()` lists parameters and multiply-adds (MACs) per model, counted by running the
 model under `torch.utils.flop_counter.FlopCounterMode` on the meta device (no memory, no
-compute), and `format_model_table()` renders that list for `pipeline models list`.
+compute), and `pipeline models list` renders that list (`pipeline.cli.display.model_table`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,7 +26,6 @@ __all__ = [
     "build_model",
     "count_macs",
     "describe_models",
-    "format_model_table",
     "model_family",
 ]
 
@@ -139,19 +137,3 @@ def describe_models(
             }
         )
     return rows
-
-
-def format_model_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """A rich table of `describe_models` rows (params in millions, MACs in billions)."""
-    sizes = sorted({row.get("input_size", "") for row in rows} - {""})
-    title = f"Models at {', '.join(sizes)}" if sizes else "Models"
-    table = Table(title=title)
-    table.add_column("model")
-    table.add_column("family")
-    table.add_column("params (M)", justify="right")
-    table.add_column("GMACs", justify="right")
-    for row in rows:
-        table.add_row(
-            row["name"], row["family"], f"{row['params'] / 1e6:.2f}", f"{row['macs'] / 1e9:.3f}"
-        )
-    return table

@@ -76,7 +76,7 @@ def preflight(
     `ensure_dataset` for this config (its manifest is not read twice)."""
     from pipeline import tracking
 
-    manifest = manifest or ensure_dataset(cfg, console)
+    manifest = manifest or ensure_dataset(cfg)
     with torch.device("meta"):  # checks name and arguments without allocating weights
         model_for(
             cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}),

@@ -13,7 +13,8 @@ from pipeline.config import DynamicConvConfig, ModelConfig
 from pipeline.errors import UnknownModelError
 from pipeline.models.dynamic_conv import DynamicConv2d
 from pipeline.models.resnet import IMAGENET_REFERENCE
-from pipeline.models.zoo import MODEL_NAMES, build_model, describe_models, format_model_table
+from pipeline.cli.display import model_table
+from pipeline.models.zoo import MODEL_NAMES, build_model, describe_models
 
 
 def test_model_names():
@@ -96,9 +97,9 @@ def test_describe_models_counts_dynamic_conv_work():
         describe_models(names=["vgg16"])
 
 
-def test_format_model_table():
+def test_model_table():
     rows = describe_models((3, 32, 32), 10, ["cifar_resnet20", "cifar_resnet56"])
-    table = format_model_table(rows)
+    table = model_table(rows)
     assert isinstance(table, Table) and table.row_count == 2
     console = Console(width=120, record=True)
     console.print(table)

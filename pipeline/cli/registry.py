@@ -1,0 +1,233 @@
+"""`pipeline promote`, `rollback`, `best`, `models registered`, `pull` and `serve`: the registry
+and what services take from it. Every command reaches MLflow at --tracking-uri, else the config's
+tracking.tracking_uri, else MLFLOW_TRACKING_URI, else ./mlflow.db, so the same commands work
+against the embedded SQLite file and a tracking server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli import display
+from pipeline.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    NameArg,
+    SetOpt,
+    TrackingUriOpt,
+    app,
+    friendly_errors,
+    models_app,
+    quiet_downloads,
+)
+from pipeline.tags import PULL_META_FILE, ROLLED_BACK_TAG
+
+
+def _registry_setup(config: Path | None, overrides: list[str] | None, tracking_uri: str | None):
+    """(config, MlflowClient): the config with --tracking-uri applied, and a checked client."""
+    from pipeline.config import load_config
+    from pipeline.registry import connect
+
+    quiet_downloads()
+    cfg = load_config(config, overrides or [])
+    if tracking_uri:
+        cfg.tracking.tracking_uri = tracking_uri
+    return cfg, connect(cfg.tracking.resolved_uri(), cfg.tracking.timeout_s)
+
+
+@app.command("promote")
+@friendly_errors
+def promote_command(
+    name: NameArg,
+    candidate: Annotated[
+        str | None, typer.Option(help="Version number or alias; default: the newest version.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Held-out dataset; default: the candidate's training data."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split both models are evaluated on.")] = "test",
+    min_improvement: Annotated[
+        float | None,
+        typer.Option(min=0, help="Accuracy margin over the champion; default registry's."),
+    ] = None,
+    class_floor: Annotated[
+        float | None,
+        typer.Option(min=0, max=1, help="Lowest accuracy any class may have; default registry's."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide, change nothing.")] = False,
+    lock_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for another promotion.")
+    ] = 600.0,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move `champion` to a version that beats it on the same held-out data, evaluated now."""
+    from pipeline.registry import LockSettings, promote
+
+    cfg, client = _registry_setup(config, overrides, tracking_uri)
+    decision = promote(
+        client,
+        name,
+        candidate=candidate,
+        data_uri=data,
+        split=split,
+        min_improvement=(
+            cfg.registry.min_improvement if min_improvement is None else min_improvement
+        ),
+        class_floor=cfg.registry.class_floor if class_floor is None else class_floor,
+        dry_run=dry_run,
+        storage=cfg.storage.resolved(),
+        lock=LockSettings(timeout_s=lock_timeout),
+    )
+    if as_json:
+        display.plain(json.dumps(decision.to_dict(), indent=2))
+        return
+    display.print_decision(decision, name, split)
+
+
+@app.command("rollback")
+@friendly_errors
+def rollback_command(
+    name: NameArg,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Move `champion` back to `previous-champion`."""
+    from pipeline.registry import rollback
+
+    _, client = _registry_setup(config, overrides, tracking_uri)
+    old, new = rollback(client, name)
+    display.plain(
+        f"rolled back {name}: champion v{old or '-'} -> v{new}"
+        + (f" (v{old} tagged {ROLLED_BACK_TAG})" if old and old != new else "")
+    )
+
+
+@app.command("best")
+@friendly_errors
+def best_command(
+    experiment: Annotated[
+        str | None, typer.Option(help="Experiment; default tracking.experiment.")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="Metric to rank by.")] = "best_val_acc",
+    filter_string: Annotated[
+        str, typer.Option("--filter", help="MLflow filter, e.g. \"params.model.name = 'x'\".")
+    ] = "",
+    top: Annotated[int, typer.Option(min=1, help="How many runs.")] = 5,
+    ascending: Annotated[
+        bool | None,
+        typer.Option("--ascending/--descending", help="Default: ascending for *loss* metrics."),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The best runs by a metric, with their registered versions and aliases."""
+    from pipeline.registry import best_runs
+
+    cfg, client = _registry_setup(config, overrides, tracking_uri)
+    rows = best_runs(
+        client, experiment or cfg.tracking.experiment, metric, filter_string, top, ascending
+    )
+    if as_json:
+        display.plain(json.dumps(rows, indent=2))
+        return
+    display.print_best_runs(rows, metric)
+
+
+@models_app.command("registered")
+@friendly_errors
+def models_registered(
+    name: NameArg,
+    limit: Annotated[int, typer.Option(min=1, help="Newest versions shown.")] = 50,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A registered model's versions with aliases, metrics and tags."""
+    from pipeline.registry import registered_model, registered_versions
+
+    _, client = _registry_setup(config, overrides, tracking_uri)
+    registered_model(client, name)  # a clear error for an unknown name
+    rows = registered_versions(client, name, limit)
+    if as_json:
+        display.plain(json.dumps(rows, indent=2))
+        return
+    display.print_versions(rows, name)
+
+
+@app.command("pull")
+@friendly_errors
+def pull_command(
+    uri: Annotated[
+        str, typer.Argument(help="models:/NAME@alias, models:/NAME/N or runs:/ID/model.")
+    ],
+    dest: Annotated[Path, typer.Option("--dest", help="Directory to create.")],
+    fmt: Annotated[str, typer.Option("--format", help="torchscript, onnx, state_dict or mlflow.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --dest.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a model, export it, check the export against the original, write it + hashes."""
+    from pipeline.config import load_config
+    from pipeline.serving import pull
+
+    quiet_downloads()
+    cfg = load_config(config, overrides or [])
+    record = pull(
+        uri,
+        dest,
+        fmt,
+        tracking_uri=tracking_uri or cfg.tracking.resolved_uri(),
+        timeout_s=cfg.tracking.timeout_s,
+        overwrite=overwrite,
+    )
+    if as_json:
+        display.plain(json.dumps(record, indent=2))
+        return
+    source = record["source"]
+    version = f" (version {source['version']})" if source.get("version") else ""
+    display.plain(f"pulled {uri}{version} as {fmt} into {dest}")
+    for rel, sha in record["files"].items():
+        display.plain(f"  {rel}  sha256 {sha[:16]}")
+    check = record["check"]
+    display.plain(
+        f"  checked on {check['samples']} sample inputs: max |diff| {check['max_abs_diff']:.2g} "
+        f"<= {check['tolerance']:g}; metadata in {dest / PULL_META_FILE}"
+    )
+
+
+@app.command("serve")
+@friendly_errors
+def serve_command(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/N or runs:/ID/...")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5001,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Serve a model's image predictor with MLflow's scoring server (POST /invocations)."""
+    import os
+
+    from pipeline.config import load_config
+    from pipeline.serving import predictor_uri, scoring_server_command, scoring_server_env
+
+    cfg = load_config(config, overrides or [])
+    tracking = tracking_uri or cfg.tracking.resolved_uri()
+    model = predictor_uri(uri, tracking_uri=tracking, timeout_s=cfg.tracking.timeout_s)
+    cmd = scoring_server_command(model, host, port, workers)
+    display.plain(f"serving {uri} ({model}) on http://{host}:{port}/invocations", stderr=True)
+    os.execve(cmd[0], cmd, scoring_server_env(tracking))
