@@ -7,10 +7,10 @@ safe and self-describing to load anywhere:
   pipeline_model.json  model config, classes, image spec, normalisation, dataset digest
 so a service rebuilds the network from the zoo and applies exactly the training preprocessing.
 
-Beside `model/`, the run gets `predictor/`: a pyfunc over raw images (base64 PNG/JPEG in a column
-`image`; see `pipeline.serving.PyfuncPredictor`) that `mlflow models serve` runs. It is logged as
-"models from code" (a three-line script, no pickled Python object) and rebuilds the network from
-the same two files.
+Beside `model/`, the run gets `predictor/`: a pyfunc over raw images (base64 PNG/JPEG in a
+column `image`; see `pipeline.serving.pyfunc.PyfuncPredictor`) that `mlflow models serve` runs.
+It is logged as "models from code" (`pipeline/serving/pyfunc_entry.py`, no pickled Python
+object) and rebuilds the network from the same two files.
 """
 
 from __future__ import annotations
@@ -31,15 +31,10 @@ from pipeline.models.zoo import build_model
 from pipeline.tags import MODEL_ARTIFACT, MODEL_META_FILE, WEIGHTS_FILE
 
 PREDICTOR_NAME = "predictor"
-# The predictor's models-from-code entry point. Loaded (by MLflow, at log and serve time) only in
-# processes that have the pipeline installed; importing it here would turn the layers upside down.
-PREDICTOR_CODE = """\
-\"\"\"MLflow models-from-code entry point: the pipeline's image predictor (pipeline.serving).\"\"\"
-import mlflow
-from pipeline.serving import PyfuncPredictor
-
-mlflow.models.set_model(PyfuncPredictor())
-"""
+# The predictor's models-from-code entry point, a module of `pipeline.serving`. MLflow runs it (at
+# log and serve time) in processes that have the pipeline installed; referring to it by path keeps
+# this module from importing the serving layer above it.
+PREDICTOR_ENTRY = Path(__file__).resolve().parent / "serving" / "pyfunc_entry.py"
 
 
 def package_metadata(cfg: PipelineConfig, manifest: Manifest) -> dict[str, Any]:
@@ -128,11 +123,9 @@ def log_predictor(files: Path, meta: dict[str, Any]):
             ]
         ),
     )
-    code = files.parent / "predictor_code.py"
-    code.write_text(PREDICTOR_CODE)
     return mlflow.pyfunc.log_model(
         name=PREDICTOR_NAME,
-        python_model=str(code),
+        python_model=str(PREDICTOR_ENTRY),
         artifacts={"model": str(files)},
         signature=signature,
         input_example=pd.DataFrame({"image": [blank_image_base64(meta)]}),

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -232,3 +232,27 @@ def delete_tree(loc: Location) -> None:
             loc.fs.delete_dir(loc.path)
     except OSError as exc:
         raise StorageError(f"{loc.uri}: cannot be deleted: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials in URIs (database, tracking and endpoint URIs may carry a user and password)
+
+
+def mask_credentials(uri: str) -> str:
+    """`uri` with its password (if any) replaced by ***, for messages, logs and MLflow params."""
+    parts = urlsplit(uri)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return uri
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def strip_credentials(uri: str) -> str:
+    """`uri` without its user and password, for records that outlive the session."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri

@@ -161,9 +161,12 @@ def iter_split(
     batch_size: int = 512,
     storage: StorageConfig | None = None,
     resize: tuple[int, int] | None = None,
+    normalization: Normalization | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Evaluation batches of a whole split in one process (no Ray): test split, `evaluate`."""
-    transform = BatchTransform(manifest.image, manifest.normalization, None, resize=resize)
+    """Evaluation batches of a whole split in one process (no Ray): the test split, `evaluate`
+    and the promotion gate. `normalization`: a model's own (default: the manifest's)."""
+    norm = normalization or manifest.normalization
+    transform = BatchTransform(manifest.image, norm, None, resize=resize)
     root = st.resolve(uri, storage)
     for shard in manifest.split(split).shards:
         table = read_shard(root.join(shard.path))

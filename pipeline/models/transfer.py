@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
+from pipeline.tags import WEIGHTS_FILE
 
 __all__ = ["LoadReport", "freeze_backbone", "load_weights", "parameter_groups", "replace_head"]
 
@@ -53,16 +54,7 @@ def _is_head(key: str, head_prefix: str) -> bool:
 
 def _read_state_dict(source: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
     if source.startswith(MLFLOW_SCHEMES):
-        import mlflow.pytorch  # heavy import, only when an MLflow URI is given
-        from mlflow.exceptions import MlflowException
-
-        if tracking_uri:  # workers do not inherit the driver's MLflow settings
-            mlflow.set_tracking_uri(tracking_uri)
-        try:
-            model = mlflow.pytorch.load_model(source, map_location="cpu")
-        except MlflowException as exc:
-            raise ModelError(f"{source}: cannot load the MLflow model: {exc.message}") from exc
-        return dict(model.state_dict())
+        return _read_mlflow_weights(source, tracking_uri)
     path = Path(source)
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found")
@@ -78,6 +70,45 @@ def _read_state_dict(source: str, tracking_uri: str | None = None) -> dict[str, 
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _read_mlflow_weights(source: str, tracking_uri: str | None) -> dict[str, torch.Tensor]:
+    """The `weights.pt` of a model logged by `pipeline train`, loaded weights-only.
+
+    Never `mlflow.pytorch.load_model`: that unpickles the logged model, and a pickle from an
+    artifact store can run any code. A model without the pipeline's weights file is refused."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.storage import mask_credentials
+
+    with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri
+                )
+            )
+        except MlflowException as exc:
+            where = f" (tracking server {mask_credentials(tracking_uri)})" if tracking_uri else ""
+            raise ModelError(
+                f"{source}: cannot load the MLflow model{where}: {exc.message}"
+            ) from None
+        found = [
+            p for p in (local / WEIGHTS_FILE, local / "extra_files" / WEIGHTS_FILE) if p.is_file()
+        ]
+        if not found:
+            raise ModelError(
+                f"{source}: no {WEIGHTS_FILE} in the logged model; only models logged by "
+                "`pipeline train` can be fine-tuned from MLflow (the pipeline never unpickles a "
+                "logged model). Pass a state dict file as model.weights instead"
+            )
+        obj = torch.load(found[0], map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{source}: {WEIGHTS_FILE} is not a state dict")
+    return dict(obj)
 
 
 def load_weights(

@@ -351,7 +351,7 @@ def test_two_concurrent_promotions_end_on_the_better_model(env, client, cfg, run
 
 
 def _promote_in_child(uri, name, version, delay_s, barrier, results) -> None:
-    import pipeline.registry as registry
+    import pipeline.registry.promotion as registry
 
     move = registry._move_champion
 

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import serving
+from pipeline import servers, serving
 from pipeline.cli import app
 from pipeline.data.shards import decode_images, read_shard
 from pipeline.data.sources import WriteOptions, import_image_folder, prepare_digits
@@ -264,7 +264,7 @@ def test_a_corrupted_pulled_file_is_refused(env, champion, tmp_path):
 def test_a_failed_pull_leaves_no_partial_dest(env, champion, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no version or alias 'nope'"):
         pull(f"models:/{champion['name']}@nope", tmp_path / "a", "onnx")
-    monkeypatch.setitem(serving.TOLERANCE, "onnx", -1.0)  # any difference fails the check
+    monkeypatch.setitem(serving.pull.TOLERANCE, "onnx", -1.0)  # any difference fails the check
     with pytest.raises(ServingError, match="nothing was written"):
         pull(champion["uri"], tmp_path / "b", "onnx")
     assert list(tmp_path.iterdir()) == []  # neither DEST nor a staging directory
@@ -373,14 +373,14 @@ def test_every_trained_model_carries_the_pyfunc(env, champion):
 
 
 def test_tracking_server_command_binds_localhost_and_proxies_artifacts(monkeypatch):
-    cmd = serving.tracking_server_command("sqlite:///x.db", "s3://bucket/mlflow", port=5055)
+    cmd = servers.tracking_server_command("sqlite:///x.db", "s3://bucket/mlflow", port=5055)
     joined = " ".join(cmd)
     assert "--host 127.0.0.1" in joined and "--port 5055" in joined
     assert "--serve-artifacts --artifacts-destination s3://bucket/mlflow" in joined
     assert "--allowed-hosts" not in joined
-    wide = serving.tracking_server_command(host="0.0.0.0", allowed_hosts="mlflow.example.com")
+    wide = servers.tracking_server_command(host="0.0.0.0", allowed_hosts="mlflow.example.com")
     assert wide[-2:] == ["--allowed-hosts", "mlflow.example.com"]
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ServingError, match="psycopg2-binary") as info:
-        serving.tracking_server_command("postgresql://u:secret@db/mlflow")
+        servers.tracking_server_command("postgresql://u:secret@db/mlflow")
     assert "secret" not in str(info.value)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-import types
+import pathlib
 
 import pytest
 import torch
@@ -103,27 +102,18 @@ def test_missing_file_and_wrong_architecture(tmp_path):
         load_weights(resnet.cifar_resnet20(), str(path))
 
 
-def test_mlflow_uri_goes_through_mlflow_load_model(monkeypatch):
-    source = resnet.cifar_resnet20()
-    calls = []
+class _Payload:
+    """Unpickling this writes a marker file: proof that something ran pickled code."""
 
-    def fake_load_model(uri, map_location=None):
-        calls.append((uri, map_location))
-        return source
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
 
-    fake = types.ModuleType("mlflow.pytorch")
-    fake.load_model = fake_load_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mlflow.pytorch", fake)
-    monkeypatch.setattr("mlflow.pytorch", fake, raising=False)
-    model = resnet.cifar_resnet20(num_classes=3)
-    report = load_weights(model, "models:/digits-resnet@champion")
-    assert calls == [("models:/digits-resnet@champion", "cpu")]
-    assert report.skipped_head == ["fc.weight", "fc.bias"]
-    torch.testing.assert_close(model.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (pathlib.Path(self.marker), "unpickled"))
 
 
 @pytest.mark.slow
-def test_mlflow_runs_uri_round_trip(tmp_path, monkeypatch):
+def test_mlflow_uri_loads_weights_only_never_the_pickle(tmp_path, monkeypatch):
     import mlflow
     import mlflow.pytorch
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -133,15 +123,29 @@ def test_mlflow_runs_uri_round_trip(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # another store's
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    marker = tmp_path / "marker"
     source = resnet.cifar_resnet20(in_channels=1)
+    source.payload = _Payload(str(marker))  # rides along in the pickled model
+    weights = tmp_path / "weights.pt"
+    torch.save(resnet.cifar_resnet20(in_channels=1).state_dict(), weights)
     with mlflow.start_run() as run:
-        mlflow.pytorch.log_model(source, name="model", serialization_format="pickle")
+        mlflow.pytorch.log_model(
+            source, name="model", serialization_format="pickle", extra_files=[str(weights)]
+        )
+    assert not marker.exists()
     model = resnet.cifar_resnet20(in_channels=1)
     report = load_weights(model, f"runs:/{run.info.run_id}/model")
+    assert not marker.exists(), "load_weights unpickled the logged model"
     assert not report.missing and not report.skipped_head
-    torch.testing.assert_close(model.layer3[2].conv2.weight, source.layer3[2].conv2.weight)
-    with pytest.raises(ValueError, match="runs:/0123456789abcdef/model"):
+    expected = torch.load(weights, weights_only=True)
+    torch.testing.assert_close(model.layer3[2].conv2.weight, expected["layer3.2.conv2.weight"])
+    with pytest.raises(ModelError, match="runs:/0123456789abcdef/model"):
         load_weights(model, "runs:/0123456789abcdef/model")
+    with mlflow.start_run() as bare:  # an MLflow model the pipeline did not log: refused
+        mlflow.pytorch.log_model(source, name="model", serialization_format="pickle")
+    with pytest.raises(ModelError, match=r"no weights\.pt .* never unpickles"):
+        load_weights(model, f"runs:/{bare.info.run_id}/model")
+    assert not marker.exists()
 
 
 def test_parameter_groups_exempt_norms_and_biases():

@@ -9,11 +9,11 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from pipeline.cli.display import model_table
 from pipeline.config import DynamicConvConfig, ModelConfig
 from pipeline.errors import UnknownModelError
 from pipeline.models.dynamic_conv import DynamicConv2d
 from pipeline.models.resnet import IMAGENET_REFERENCE
-from pipeline.cli.display import model_table
 from pipeline.models.zoo import MODEL_NAMES, build_model, describe_models
 
 

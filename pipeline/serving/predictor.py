@@ -1,0 +1,214 @@
+"""A predictor over raw images with exactly the training preprocessing.
+
+`load("models:/NAME@champion")` -> `Predictor`: raw images in (uint8 arrays HxW / HxWxC, PIL
+images, PNG/JPEG bytes; one or a list), class names and probabilities out, with exactly the
+training preprocessing (the dataset import's convert + bilinear resize, then `BatchTransform`).
+A folder written by `pipeline pull` is loaded only after every file's sha256 checks out. Nothing
+here unpickles Python objects: networks are rebuilt from the zoo and a state dict loaded with
+`weights_only=True`, or read from TorchScript / ONNX files whose hashes were checked.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.data.shards import ImageSpec
+from pipeline.data.transform import BatchTransform
+from pipeline.errors import ServingError
+from pipeline.model_package import input_resize, preprocessing, rebuild
+from pipeline.serving.fetch import download
+from pipeline.serving.pulled import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, verify_pulled
+from pipeline.tags import PULL_META_FILE
+
+BATCH = 256  # images per forward pass: bounds memory for long lists
+
+ImageInput = Any  # np.ndarray (HxW, HxWxC, or NxHxWxC), PIL.Image.Image, bytes (PNG/JPEG)
+Forward = Callable[[np.ndarray], np.ndarray]  # normalised float32 NCHW -> logits (N, classes)
+
+
+def to_pixels(images: ImageInput | Sequence[ImageInput], image: ImageSpec) -> np.ndarray:
+    """One image or a list -> (N, H, W, C) uint8 at the model's size and channels."""
+    items = _as_list(images)
+    out = np.empty((len(items), image.height, image.width, image.channels), np.uint8)
+    for i, item in enumerate(items):
+        try:
+            out[i] = _one_image(item, image)
+        except ValueError as exc:
+            raise ServingError(f"image {i}: {exc}") from None
+    return out
+
+
+def _as_list(images: Any) -> list[Any]:
+    if isinstance(images, list | tuple):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:  # a batch N x H x W x C
+        return list(images)
+    return [images]
+
+
+def _one_image(item: Any, image: ImageSpec) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(item, bytes | bytearray | memoryview):
+        try:
+            with Image.open(io.BytesIO(bytes(item))) as img:
+                return _from_pil(img, image)
+        except (OSError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
+            raise ValueError(f"bytes do not decode as an image ({exc}); send PNG or JPEG") from None
+    if isinstance(item, Image.Image):
+        return _from_pil(item, image)
+    if isinstance(item, np.ndarray):
+        return _from_array(item, image)
+    raise ValueError(
+        f"unsupported input {type(item).__name__}; pass a uint8 array (HxW or HxWxC), a PIL "
+        "image or PNG/JPEG bytes"
+    )
+
+
+def _from_array(pixels: np.ndarray, image: ImageSpec) -> np.ndarray:
+    from PIL import Image
+
+    if pixels.dtype != np.uint8:
+        raise ValueError(
+            f"pixels are {pixels.dtype}; pass uint8 0-255 (for floats in [0, 1]: "
+            "(x * 255).round().astype(np.uint8))"
+        )
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"array of shape {pixels.shape}: expected HxW or HxWxC with C in 1, 3, 4 (a batch: "
+            "a list of images or an NxHxWxC array)"
+        )
+    if pixels.shape == (image.height, image.width, image.channels):
+        return pixels  # already what the dataset stores: no conversion at all
+    return _from_pil(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), image)
+
+
+def _from_pil(img: Any, image: ImageSpec) -> np.ndarray:
+    from PIL import Image
+
+    # The dataset import's steps (sources._load_image): convert the mode, then bilinear resize.
+    img = img.convert("L" if image.channels == 1 else "RGB")
+    if img.size != (image.width, image.height):
+        img = img.resize((image.width, image.height), Image.Resampling.BILINEAR)
+    return np.asarray(img).reshape(image.height, image.width, image.channels)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    confidence: float
+    probabilities: dict[str, float]  # class name -> probability, in the model's class order
+
+
+class Predictor:
+    """Raw images in, class names and probabilities out, with the training preprocessing."""
+
+    def __init__(self, forward: Forward, meta: dict[str, Any], source: str) -> None:
+        self.meta, self.source = meta, source
+        self.image, self.normalization = preprocessing(meta)
+        self.classes: list[str] = list(meta["classes"])
+        self._forward = forward
+        self._transform = BatchTransform(
+            self.image, self.normalization, augment=None, resize=input_resize(meta)
+        )
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """The normalised float32 NCHW batch the network sees."""
+        return self._transform.to_tensor(to_pixels(images, self.image)).numpy()
+
+    def logits(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        x = self.preprocess(images)
+        parts = [self._forward(x[i : i + BATCH]) for i in range(0, len(x), BATCH)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
+
+    def probabilities(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """(N, classes) softmax probabilities, columns in `classes` order."""
+        return torch.softmax(torch.from_numpy(self.logits(images)).double(), dim=1).numpy()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Prediction]:
+        """One Prediction per image (a single image gives a list of one)."""
+        return [
+            Prediction(
+                label=self.classes[int(p.argmax())],
+                index=int(p.argmax()),
+                confidence=float(p.max()),
+                probabilities=dict(zip(self.classes, map(float, p), strict=True)),
+            )
+            for p in self.probabilities(images)
+        ]
+
+    def predict_one(self, image: ImageInput) -> Prediction:
+        return self.predict([image])[0]
+
+
+def torch_forward(model: nn.Module) -> Forward:
+    model = model.eval()
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).float().numpy()
+
+    return forward
+
+
+def _torchscript_forward(path: Path) -> Forward:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still works
+        return torch_forward(torch.jit.load(str(path), map_location="cpu"))
+
+
+def _onnx_forward(path: Path) -> Forward:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})[0]
+
+
+def load(uri: str, *, tracking_uri: str | None = None, timeout_s: float = 10.0) -> Predictor:
+    """A Predictor for `models:/NAME@alias`, `models:/NAME/N`, `runs:/ID/model`, or a local
+    directory: one written by `pull` (hashes verified first) or an MLflow model directory."""
+    path = Path(uri)
+    if path.is_dir():
+        return _load_dir(path)
+    if "://" not in uri and ":/" not in uri:
+        raise ServingError(f"{uri}: not a directory, nor a models:/ or runs:/ URI")
+    with tempfile.TemporaryDirectory(prefix="predictor-") as tmp:
+        local, _ = download(uri, Path(tmp), tracking_uri, timeout_s)
+        model, meta = rebuild(local)
+    return Predictor(torch_forward(model), meta, source=uri)
+
+
+def _load_dir(path: Path) -> Predictor:
+    if not (path / PULL_META_FILE).is_file():
+        model, meta = rebuild(path)
+        return Predictor(torch_forward(model), meta, source=str(path))
+    pulled = verify_pulled(path)
+    forward = _forward_of(pulled["format"], path)
+    return Predictor(forward, pulled["pipeline_model"], source=str(path))
+
+
+def _forward_of(fmt: str, path: Path) -> Forward:
+    if fmt == "torchscript":
+        return _torchscript_forward(path / TORCHSCRIPT_FILE)
+    if fmt == "onnx":
+        return _onnx_forward(path / ONNX_FILE)
+    if fmt in ("state_dict", "mlflow"):
+        model, _ = rebuild(path)
+        return torch_forward(model)
+    raise ServingError(
+        f"{path / PULL_META_FILE}: unknown format {fmt!r}; expected one of {FORMATS}"
+    )

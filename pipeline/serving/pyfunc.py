@@ -1,0 +1,88 @@
+"""The pyfunc that `mlflow models serve` runs (logged as `predictor/`, see model_package), and
+how `pipeline serve` starts MLflow's scoring server for it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+from pipeline.errors import ServingError
+from pipeline.model_package import rebuild
+from pipeline.serving.predictor import Predictor, torch_forward
+
+
+class PyfuncPredictor(mlflow.pyfunc.PythonModel):
+    """Input: a DataFrame with a column `image` of base64-encoded PNG/JPEG bytes (a list of
+    base64 strings also works in-process). Output: a DataFrame with `label`, `index`,
+    `confidence` and `probabilities` (in class order) per row."""
+
+    def load_context(self, context) -> None:
+        model, meta = rebuild(context.artifacts["model"])  # weights_only: no pickled code
+        self.predictor = Predictor(torch_forward(model), meta, source="pyfunc")
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+        cells = list(model_input["image"]) if hasattr(model_input, "columns") else model_input
+        try:
+            predictions = self.predictor.predict(
+                [_decode_base64(i, c) for i, c in enumerate(cells)]
+            )
+        except ServingError as exc:  # a client error: the scoring server answers 400
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        return pd.DataFrame(
+            {
+                "label": [p.label for p in predictions],
+                "index": [p.index for p in predictions],
+                "confidence": [p.confidence for p in predictions],
+                "probabilities": [list(p.probabilities.values()) for p in predictions],
+            }
+        )
+
+
+def _decode_base64(row: int, cell: Any) -> bytes:
+    if isinstance(cell, bytes):
+        return cell
+    try:
+        return base64.b64decode(str(cell), validate=True)
+    except (binascii.Error, ValueError):
+        raise ServingError(
+            f"row {row}: `image` is not base64 (send base64 PNG/JPEG bytes)"
+        ) from None
+
+
+def scoring_server_env(tracking_uri: str) -> dict[str, str]:
+    """The scoring server's environment: it resolves runs:/ against `tracking_uri`, and starts
+    `uvicorn` by name, which must be this environment's."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
+
+
+def scoring_server_command(
+    model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1
+) -> list[str]:
+    """`mlflow models serve` of a predictor in this environment (`--env-manager local`)."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
