@@ -133,7 +133,28 @@ def pod_templates() -> list[tuple[str, dict]]:
             )
     for where, spec in ray_cluster_specs():
         found += [(f"{where} group {i}", g["template"]) for i, g in enumerate(ray_groups(spec))]
+    found += [
+        (f"{where} submitter", spec["submitterPodTemplate"])
+        for where, spec in rayjob_specs()
+        if "submitterPodTemplate" in spec  # test_every_submitter_sends_the_ray_token needs it
+    ]
     return found
+
+
+def rayjob_specs() -> list[tuple[str, dict]]:
+    """(where, RayJob spec) for the RayJob and the RayCronJob's job template."""
+    return [("RayJob", d["spec"]) for d in of_kind("RayJob")] + [
+        ("RayCronJob", d["spec"]["jobTemplate"]) for d in of_kind("RayCronJob")
+    ]
+
+
+def ray_pod_templates() -> list[tuple[str, dict]]:
+    """(where, pod template) for every Ray node: heads and workers of every cluster."""
+    return [
+        (f"{where} group {i}", g["template"])
+        for where, spec in ray_cluster_specs()
+        for i, g in enumerate(ray_groups(spec))
+    ]
 
 
 def containers() -> list[tuple[str, dict]]:
@@ -522,7 +543,7 @@ def test_every_container_sets_requests_and_limits():
         resources = container.get("resources", {})
         for part in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources.get(part, {})), f"{where}: {part}"
-        if "ray-" in where or container["name"].startswith("ray-"):
+        if container["name"] in ("ray-head", "ray-worker"):
             # Ray sizes itself from limits; requests == limits keeps the scheduler honest
             assert resources["requests"] == resources["limits"], where
 
@@ -545,7 +566,7 @@ def test_mlflow_server_runs_basic_auth_on_postgres_and_s3_with_health_probes():
     for name, e in env.items():  # $(VAR) only expands variables defined earlier in the list
         for ref in re.findall(r"\$\(([A-Z0-9_]+)\)", e.get("value", "")):
             assert names.index(ref) < names.index(name), f"{name} uses $({ref}) before it is set"
-    assert "CREATE DATABASE mlflow_auth" in (K8S / "postgres-initdb.sql").read_text()
+    assert "CREATE DATABASE mlflow_auth" in (K8S / "postgres-initdb.sh").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,3 +730,275 @@ def test_docker_compose_accepts_the_file(tmp_path):
         check=True,
         timeout=60,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Security (issue 16): Ray token auth, NetworkPolicies, least-privilege credentials, no API tokens
+
+RAY_AUTH = {"mode": "token", "secretName": "ray-auth"}
+AUTH_OPTIONS = {"mode", "secretName", "enableK8sTokenAuth"}  # KubeRay 1.7's AuthOptions
+# Credentials no Ray pod may hold: MLflow's admin, MinIO's root, PostgreSQL's roles.
+ADMIN_SECRETS = {"mlflow-auth", "minio-root", "postgres-credentials", "mlflow-db-credentials"}
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def secret_names(node) -> set[str]:
+    return {ref["name"] for n in walk(node) if isinstance(ref := n.get("secretKeyRef"), dict)}
+
+
+def assert_sends_the_ray_token(where: str, container: dict) -> None:
+    env = env_of(container)
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE"
+    ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    assert ref == {"name": "ray-auth", "key": "auth_token"}, f"{where}: RAY_AUTH_TOKEN"
+
+
+@pytest.mark.parametrize(
+    ("where", "spec"), ray_cluster_specs(), ids=[w for w, _ in ray_cluster_specs()]
+)
+def test_every_ray_cluster_turns_token_auth_on_with_the_shared_secret(where, spec):
+    assert spec.get("authOptions") == RAY_AUTH, where
+    assert set(spec["authOptions"]) <= AUTH_OPTIONS
+    assert "auth_token" in documented_secret_keys()["ray-auth"]  # the key authOptions reads
+
+
+def test_every_submitter_sends_the_ray_token():
+    (cron,) = [c for w, c in containers() if w.startswith("CronJob ")]
+    assert_sends_the_ray_token("CronJob", cron)
+    for where, spec in rayjob_specs():
+        (container,) = spec["submitterPodTemplate"]["spec"]["containers"]
+        assert_sends_the_ray_token(where, container)
+        assert "command" not in container, f"{where}: KubeRay writes the `ray job submit` command"
+        assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+    stack = compose()["services"]
+    for name in ("ray-head", "ray-worker"):
+        env = stack[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH")
+    health = " ".join(stack["ray-head"]["healthcheck"]["test"])
+    assert "/api/gcs_healthz" in health, "with token auth only Ray's health endpoints are public"
+
+
+@pytest.mark.parametrize(
+    ("where", "template"), ray_pod_templates(), ids=[w for w, _ in ray_pod_templates()]
+)
+def test_ray_pods_hold_no_admin_credentials(where, template):
+    (container,) = template["spec"]["containers"]
+    assert not secret_names(container) & ADMIN_SECRETS, where
+    env = env_of(container)
+    for name, key in (
+        ("MLFLOW_TRACKING_USERNAME", "username"),
+        ("MLFLOW_TRACKING_PASSWORD", "password"),
+    ):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {
+            "name": "mlflow-pipeline-user",
+            "key": key,
+        }
+
+
+def test_submitters_hold_nothing_but_the_ray_token():
+    for where, container in containers():
+        if where.startswith("CronJob ") or where.endswith(" submitter container ray-job-submitter"):
+            assert secret_names(container) == {"ray-auth"}, where
+
+
+def test_compose_ray_services_hold_no_admin_credentials():
+    text = yaml.safe_dump(compose()["services"]["ray-head"]["environment"])
+    for name in ("MLFLOW_AUTH_ADMIN", "MINIO_ROOT", "POSTGRES_", "MLFLOW_DB_"):
+        assert name not in text, name
+    assert "MLFLOW_PIPELINE_USERNAME" in text
+
+
+def needs_the_kubernetes_api(where: str) -> bool:
+    """Only the long-lived cluster's head: its in-tree autoscaler sidecar scales the pods."""
+    autoscaled = {
+        f"RayCluster {d['metadata']['name']} group 0"
+        for d in of_kind("RayCluster")
+        if d["spec"].get("enableInTreeAutoscaling")
+    }
+    return where in autoscaled
+
+
+@pytest.mark.parametrize(
+    ("where", "template"), pod_templates(), ids=[w for w, _ in pod_templates()]
+)
+def test_pods_get_a_service_account_token_only_when_they_use_the_api(where, template):
+    assert template["spec"].get("automountServiceAccountToken") is needs_the_kubernetes_api(where)
+
+
+def test_postgres_gives_mlflow_a_role_without_superuser():
+    script = (K8S / "postgres-initdb.sh").read_text()
+    sql = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    create_role = re.search(r"CREATE ROLE[^;]+;", sql, re.S)[0]
+    for attribute in ("LOGIN", "NOSUPERUSER", "NOCREATEDB", "NOCREATEROLE", "NOBYPASSRLS"):
+        assert attribute in create_role.rstrip(";").split(), attribute
+    assert not re.search(r"(?<!NO)SUPERUSER", sql), "nothing may grant SUPERUSER"
+    assert re.search(r"CREATE DATABASE mlflow OWNER", sql)
+    assert re.search(r"CREATE DATABASE mlflow_auth OWNER", sql)
+    mlflow = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "mlflow")
+    (container,) = mlflow["spec"]["template"]["spec"]["containers"]
+    assert "postgres-credentials" not in secret_names(container), (
+        "MLflow must not use the superuser"
+    )
+    assert "mlflow-db-credentials" in secret_names(container)
+    assert (
+        "${MLFLOW_DB_USER}"
+        in compose()["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    )
+
+
+def test_postgres_init_script_reads_the_password_from_the_environment(tmp_path):
+    """Run it as the postgres image does, with a stand-in psql that records argv and stdin."""
+    record = tmp_path / "psql.txt"
+    (tmp_path / "psql").write_text(f'#!/bin/sh\n{{ printf "%s\\n" "$@"; cat; }} > {record}\n')
+    (tmp_path / "psql").chmod(0o755)
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "POSTGRES_USER": "postgres"}
+    script = str(K8S / "postgres-initdb.sh")
+    missing = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "MLFLOW_DB_USER" in missing.stderr
+    env |= {"MLFLOW_DB_USER": "mlflow", "MLFLOW_DB_PASSWORD": "s3cret-pw"}
+    subprocess.run(["sh", script], env=env, check=True, timeout=30)
+    recorded = record.read_text()
+    assert "s3cret-pw" not in recorded, "the password must not be on psql's command line or stdin"
+    assert "\\getenv mlflow_password MLFLOW_DB_PASSWORD" in recorded
+    assert "ON_ERROR_STOP=1" in recorded
+
+
+def bucket_policy(script: str) -> dict:
+    import json
+
+    text = re.search(r"<<'POLICY'\n(.*?)\n\s*POLICY", script, re.S)[1]
+    return json.loads(text)
+
+
+def test_minio_user_for_ray_pods_is_scoped_to_the_pipeline_bucket():
+    job = next(d for d in of_kind("Job") if d["metadata"]["name"] == "minio-setup")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    scripts = {
+        "k8s": container["args"][0],
+        "compose": compose()["services"]["minio-setup"]["command"][0],
+    }
+    for where, script in scripts.items():
+        assert not re.search(r"policy attach local readwrite", script), where
+        assert re.search(r"policy attach local pipeline-bucket --user", script), where
+        resources = {r for st in bucket_policy(script)["Statement"] for r in st["Resource"]}
+        assert resources == {"arn:aws:s3:::pipeline", "arn:aws:s3:::pipeline/*"}, where
+        actions = {a for st in bucket_policy(script)["Statement"] for a in st["Action"]}
+        assert not any(a == "s3:*" or a.startswith("admin:") for a in actions), where
+
+
+def test_mlflow_setup_creates_the_pipeline_user_with_the_admin_credentials():
+    job = next(d for d in of_kind("Job") if d["metadata"]["name"] == "mlflow-setup")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow-pipeline-user"]
+    assert secret_names(container) == {"mlflow-auth", "mlflow-pipeline-user"}
+    copies = [v for k, v in dockerfile_instructions() if k == "COPY"]
+    assert any(v.endswith("/usr/local/bin/mlflow-pipeline-user") for v in copies)
+    assert compose()["services"]["mlflow-setup"]["command"] == ["mlflow-pipeline-user"]
+
+
+# NetworkPolicies: which of our pods may open a connection to which server port.
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector applied to a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_label_selector_matching_can_fail():
+    labels = {"app.kubernetes.io/component": "ray-head"}
+    expr = {"key": "app.kubernetes.io/component", "operator": "In", "values": ["ray-worker"]}
+    assert not selects({"matchExpressions": [expr]}, labels)
+    assert not selects({"matchLabels": {"app.kubernetes.io/name": "mlflow"}}, labels)
+    assert selects({}, labels)
+
+
+def allowed_sources(target_labels: dict[str, str], port: int) -> set[str]:
+    """Our pod templates that may reach `port` on a pod with these labels ("*" for any pod of
+    another namespace or any address), under a default-deny namespace."""
+    policies = [
+        d for d in of_kind("NetworkPolicy") if selects(d["spec"]["podSelector"], target_labels)
+    ]
+    sources: set[str] = set()
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if ports and port not in ports:
+                continue
+            peers = rule.get("from")
+            assert peers, f"{policy['metadata']['name']}: an ingress rule without `from` admits all"
+            for peer in peers:
+                assert "ipBlock" not in peer, policy["metadata"]["name"]
+                if "namespaceSelector" in peer:
+                    sources.add("*")
+                    continue
+                sources |= {
+                    where
+                    for where, t in pod_templates()
+                    if selects(peer["podSelector"], t["metadata"]["labels"])
+                }
+    return sources
+
+
+def template_labels(kind: str, name: str) -> dict[str, str]:
+    doc = next(d for d in of_kind(kind) if d["metadata"]["name"] == name)
+    return doc["spec"]["template"]["metadata"]["labels"]
+
+
+RAY_PODS = {w for w, _ in ray_pod_templates()}
+SUBMITTERS = {w for w, _ in pod_templates() if w.startswith("CronJob ") or w.endswith(" submitter")}
+
+
+def test_ingress_is_denied_by_default():
+    (deny,) = [d for d in of_kind("NetworkPolicy") if d["spec"]["podSelector"] == {}]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and not deny["spec"].get("ingress")
+
+
+def test_postgres_is_reachable_from_mlflow_only():
+    assert allowed_sources(template_labels("StatefulSet", "postgres"), 5432) == {
+        "Deployment mlflow"
+    }
+
+
+def test_mlflow_is_reachable_from_ray_pods_and_its_setup_job_only():
+    assert allowed_sources(template_labels("Deployment", "mlflow"), 5000) == RAY_PODS | {
+        "Job mlflow-setup"
+    }
+
+
+def test_minio_is_reachable_from_ray_pods_mlflow_and_its_setup_job_only():
+    labels = template_labels("Deployment", "minio")
+    expected = RAY_PODS | {"Deployment mlflow", "Job minio-setup"}
+    assert allowed_sources(labels, 9000) == expected
+    assert allowed_sources(labels, 9001) == set(), "the console: port-forward only"
+
+
+@pytest.mark.parametrize(
+    ("where", "template"), ray_pod_templates(), ids=[w for w, _ in ray_pod_templates()]
+)
+def test_ray_nodes_are_reachable_from_ray_pods_and_the_job_api_from_submitters(where, template):
+    labels = template["metadata"]["labels"]
+    is_head = where.endswith("group 0")
+    assert labels.get("app.kubernetes.io/component") == ("ray-head" if is_head else "ray-worker")
+    for port in (6379, 10001, 12345):  # GCS, Ray client, any raylet/worker port
+        assert allowed_sources(labels, port) == RAY_PODS, (where, port)
+    job_api = allowed_sources(labels, 8265)
+    if is_head:  # submitters, and the KubeRay operator (another namespace) polls job status
+        assert job_api == RAY_PODS | SUBMITTERS | {"*"}
+        assert len(SUBMITTERS) == 3
+    else:
+        assert job_api == RAY_PODS
