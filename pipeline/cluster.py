@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ClusterError
+from pipeline.ray_compat import token_auth_headers
 from pipeline.tags import SUBMITTED_COMMAND_TAG
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -214,11 +215,7 @@ def _auth_headers() -> dict[str, str]:
     unless RAY_AUTH_MODE=disabled."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
-    try:
-        from ray._raylet import AuthenticationTokenLoader
-    except ImportError:  # pragma: no cover - a Ray without token auth
-        return {}
-    return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(True) or {})
+    return token_auth_headers()
 
 
 def _unreachable(address: str, why: str) -> ClusterError:

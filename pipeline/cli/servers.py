@@ -22,23 +22,49 @@ def server_mlflow(
     artifacts_destination: Annotated[
         str, typer.Option(help="Local directory or s3://bucket/prefix (proxied by the server).")
     ] = "./mlartifacts",
-    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 needs --allowed-hosts.")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface to bind; non-loopback needs --allowed-hosts and --auth (or --insecure)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
     workers: Annotated[int, typer.Option(min=1)] = 2,
     allowed_hosts: Annotated[
         str | None, typer.Option(help="Host headers accepted, e.g. mlflow.example.com:5000.")
     ] = None,
+    auth: Annotated[
+        bool,
+        typer.Option(
+            "--auth",
+            help="Basic auth (needs MLFLOW_FLASK_SERVER_SECRET_KEY; MLFLOW_AUTH_ADMIN_PASSWORD on "
+            "the first start).",
+        ),
+    ] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="Allow a non-loopback --host without --allowed-hosts and --auth."
+        ),
+    ] = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Run MLflow's tracking server (blocks; Ctrl-C stops it)."""
     import os
 
-    from pipeline.servers import check_backend_store, masked_uri, tracking_server_command
+    from pipeline.servers import (
+        check_backend_store,
+        check_basic_auth_env,
+        check_server_exposure,
+        masked_uri,
+        tracking_server_command,
+    )
 
+    check_server_exposure(host, allowed_hosts, auth, insecure)
+    if auth:
+        check_basic_auth_env(os.environ)
     cmd = tracking_server_command(
-        backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts
+        backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts, auth
     )
     check_backend_store(backend_store_uri)  # PostgreSQL: fail in seconds, not MLflow's ~100 s
     if endpoint_url:  # MinIO or another S3-compatible store for the artifacts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.servers_policy import (
+from pipeline.servers import (
     BASIC_AUTH_SECRET_ENV,
     allowed_host_list,
     check_basic_auth_env,
