@@ -24,6 +24,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,23 +36,35 @@ from typing import Any
 
 from pipeline.errors import ClusterError
 from pipeline.ray_compat import token_auth_headers
-from pipeline.tags import SUBMITTED_COMMAND_TAG
+from pipeline.tags import GIT_COMMIT_ENV, SUBMITTED_COMMAND_TAG
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0  # an unreachable head fails within this (plus one retry-free request)
+VERSION_TIMEOUT_S = 10.0  # a head that accepts connections must answer the version check in this
 READ_TIMEOUT_S = 60.0  # a working_dir upload is acknowledged well within this
 POLL_MIN_S, POLL_MAX_S = 0.5, 2.0  # status/log polling interval: starts fast, backs off to 2 s
 
+# Where the job finds MLflow and S3: forwarded from here by default.
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
 )
+# Credentials: the cluster's own role or Secret is the default (a job's runtime env is shown by
+# the dashboard to anyone who can reach it); forwarded only with `--forward-credentials`.
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+# Never shipped, tracked or not: secrets that sit in project folders.
+SECRET_FILES = (".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*")
+SECRET_EXCEPTIONS = ("*.example",)
 # Not shipped: anything large, local state, or build output. Top-level names, then any-level globs.
 EXCLUDED_TOP = frozenset(
     {".venv", ".git", "data", "runs", "mlruns", "mlartifacts", "mlflow.db", "ray_results", "out"}
@@ -96,10 +109,60 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
-def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The standard variables set here (MLflow, S3), then --env pairs, which win."""
+def job_env(
+    extra: dict[str, str] | None = None,
+    *,
+    credentials: bool = False,
+    project_dir: Path | None = None,
+) -> dict[str, str]:
+    """What the job's environment gets: where MLflow and S3 are (a tracking URI without its
+    user and password), the local git commit, credentials only when asked, then --env pairs,
+    which win."""
+    from pipeline.storage import strip_credentials
+
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if credentials:
+        env.update({k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)})
+    elif "MLFLOW_TRACKING_URI" in env:
+        env["MLFLOW_TRACKING_URI"] = strip_credentials(env["MLFLOW_TRACKING_URI"])
+    commit = git_commit(project_dir or PROJECT_DIR)
+    if commit:
+        env[GIT_COMMIT_ENV] = commit
     return {**env, **(extra or {})}
+
+
+def held_back_credentials() -> list[str]:
+    """Credential variables set here that a job does not get without --forward-credentials."""
+    from pipeline.storage import strip_credentials
+
+    names = [k for k in CREDENTIAL_ENV if os.environ.get(k)]
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri and strip_credentials(uri) != uri:
+        names.append("the user and password in MLFLOW_TRACKING_URI")
+    return names
+
+
+def git_commit(project_dir: Path) -> str | None:
+    """HEAD of the project's git checkout, with `-dirty` when tracked files changed; None when
+    the project is not a checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(project_dir), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head or None
 
 
 @dataclass
@@ -157,11 +220,34 @@ def _relative_to(path: Path, root: Path) -> str | None:
 
 
 def is_excluded(rel: str) -> bool:
-    """Whether a path relative to the project root stays behind (EXCLUDED_TOP/ANYWHERE)."""
+    """Whether a path relative to the project root stays behind (EXCLUDED_TOP/ANYWHERE, and
+    secrets wherever they are)."""
     parts = rel.split("/")
     if parts[0] in EXCLUDED_TOP:
         return True
-    return any(fnmatch.fnmatch(p, pat) for p in parts for pat in EXCLUDED_ANYWHERE)
+    if any(fnmatch.fnmatch(p, pat) for p in parts for pat in EXCLUDED_ANYWHERE):
+        return True
+    return is_secret(parts[-1])
+
+
+def is_secret(name: str) -> bool:
+    if any(fnmatch.fnmatch(name, pat) for pat in SECRET_EXCEPTIONS):
+        return False
+    return any(fnmatch.fnmatch(name, pat) for pat in SECRET_FILES)
+
+
+def tracked_files(project_dir: Path) -> list[str] | None:
+    """The project's files known to git (relative paths), or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(project_dir), "ls-files", "-z", "--cached"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [f for f in out.decode().split("\0") if f]
 
 
 def stage_working_dir(spec: JobSpec, dest: Path, project_dir: Path = PROJECT_DIR) -> Path:
@@ -173,12 +259,23 @@ def stage_working_dir(spec: JobSpec, dest: Path, project_dir: Path = PROJECT_DIR
             "(the package must be installed in editable mode: pip install -e .)"
         )
 
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        rel = Path(directory).resolve().relative_to(project_dir.resolve()).as_posix()
-        prefix = "" if rel == "." else f"{rel}/"
-        return {n for n in names if is_excluded(prefix + n)}
+    tracked = tracked_files(project_dir)
+    if tracked is not None:  # a checkout: what git knows, never untracked files (.env, keys)
+        dest.mkdir(parents=True)
+        for rel in tracked:
+            source = project_dir / rel
+            if is_excluded(rel) or not source.is_file():  # excluded, or deleted but not staged
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / rel)
+    else:  # an installed copy (a container image): the folder minus exclusions and secrets
 
-    shutil.copytree(project_dir, dest, ignore=ignore, symlinks=True)
+        def ignore(directory: str, names: list[str]) -> set[str]:
+            rel = Path(directory).resolve().relative_to(project_dir.resolve()).as_posix()
+            prefix = "" if rel == "." else f"{rel}/"
+            return {n for n in names if is_excluded(prefix + n)}
+
+        shutil.copytree(project_dir, dest, ignore=ignore, symlinks=True)
     for local, rel in spec.shipped_paths(project_dir).items():
         if not local.is_file():
             raise ClusterError(f"{local}: file not found")
@@ -199,8 +296,10 @@ def _client_class():
         """Every request with a timeout: Ray's client sends none, so a silent head would hang
         `submit` and `--wait` forever. `_do_request` forwards keyword arguments to requests."""
 
+        read_timeout_s = VERSION_TIMEOUT_S  # the version check in __init__; then READ_TIMEOUT_S
+
         def _do_request(self, method, endpoint, **kwargs):
-            kwargs.setdefault("timeout", (CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+            kwargs.setdefault("timeout", (CONNECT_TIMEOUT_S, self.read_timeout_s))
             return super()._do_request(method, endpoint, **kwargs)
 
     return BoundedClient
@@ -227,15 +326,25 @@ def _unreachable(address: str, why: str) -> ClusterError:
 
 
 @contextmanager
-def _requests_to(address: str, what: str = "") -> Iterator[None]:
+def _requests_to(
+    address: str, what: str = "", read_timeout_s: float = READ_TIMEOUT_S
+) -> Iterator[None]:
     """Turn the transport and HTTP errors of Ray's client into one ClusterError each."""
     import requests
     from ray.exceptions import AuthenticationError
 
     try:
         yield
-    except requests.exceptions.Timeout:
-        raise _unreachable(address, f"no answer within {CONNECT_TIMEOUT_S:g} s") from None
+    except requests.exceptions.ConnectTimeout:
+        why = f"no connection within {CONNECT_TIMEOUT_S:g} s (the connect timeout)"
+        raise _unreachable(address, why) from None
+    except requests.exceptions.ReadTimeout:
+        asked = f"the request for {what}" if what else "the request"
+        why = (
+            f"it accepted the connection but {asked} got no answer within {read_timeout_s:g} s "
+            "(the read timeout); is this a Ray dashboard's job API?"
+        )
+        raise _unreachable(address, why) from None
     except (requests.exceptions.ConnectionError, ConnectionError) as exc:
         text = f"{exc} {exc.__context__}".lower()  # Ray re-raises requests' error as its context
         why = "connection refused" if "refused" in text else "connection failed"
@@ -262,8 +371,10 @@ def connect(address: str | None = None):
         k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ
     }
     try:
-        with _requests_to(url):
-            return _client_class()(url, headers=_auth_headers())
+        with _requests_to(url, "its version (the job API's first answer)", VERSION_TIMEOUT_S):
+            client = _client_class()(url, headers=_auth_headers())
+        client.read_timeout_s = READ_TIMEOUT_S
+        return client
     finally:
         os.environ.update(saved)
 

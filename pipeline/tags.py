@@ -13,6 +13,9 @@ GIT_COMMIT_TAG = "git_commit"
 MLFLOW_GIT_COMMIT_TAG = "mlflow.source.git.commit"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: nests a trial under its search
 SUBMITTED_COMMAND_TAG = "pipeline.command"  # Ray job metadata: which job script was submitted
+# The environment variable `pipeline submit` sets to the submitter's commit: a job's working_dir
+# has no .git, so runs on a cluster read their git_commit tag from it.
+GIT_COMMIT_ENV = "PIPELINE_GIT_COMMIT"
 
 # Search (pipeline tune)
 SEARCH_TAG = "pipeline.search"

@@ -33,7 +33,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import flatten
 from pipeline.errors import TrackingUnavailable
-from pipeline.tags import CONFIG_ARTIFACT, MLFLOW_GIT_COMMIT_TAG, TEST_METRICS_ARTIFACT
+from pipeline.tags import (
+    CONFIG_ARTIFACT,
+    GIT_COMMIT_ENV,
+    MLFLOW_GIT_COMMIT_TAG,
+    TEST_METRICS_ARTIFACT,
+)
 
 # MLflow's own limits (mlflow.utils.validation): longer param values are rejected or truncated,
 # and one log_batch request takes at most 100 params.
@@ -229,7 +234,10 @@ def standard_tags() -> dict[str, str]:
 
 
 def _git_commit() -> str:
-    # The commit of the pipeline's own code, wherever the process was started from.
+    # The commit of the pipeline's own code, wherever the process was started from; a submitted
+    # job has no .git and gets its submitter's commit through the environment.
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

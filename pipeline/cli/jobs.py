@@ -64,6 +64,14 @@ def submit_command(
     date: Annotated[
         str | None, typer.Option("--date", help="Nightly only: the day it counts for (YYYY-MM-DD).")
     ] = None,
+    forward_credentials: Annotated[
+        bool,
+        typer.Option(
+            "--forward-credentials",
+            help="Also send AWS_*/MLFLOW_TRACKING_* credentials set here (the dashboard shows "
+            "them); default: the cluster's own role or Secret.",
+        ),
+    ] = False,
 ) -> None:
     """Run train, tune, nightly or promote as a job on a Ray cluster; prints the submission id.
 
@@ -79,7 +87,13 @@ def submit_command(
 
         load_search_space(space, cfg)
     args += [arg for pair in overrides or [] for arg in ("--set", pair)]
-    job_env = cluster.job_env(cluster.parse_env(env))
+    job_env = cluster.job_env(cluster.parse_env(env), credentials=forward_credentials)
+    if not forward_credentials and (held := cluster.held_back_credentials()):
+        display.note(
+            f"note: not sent to the cluster: {', '.join(held)} (the job uses the cluster's own "
+            "credentials; --forward-credentials sends these)",
+            "yellow",
+        )
     spec = cluster.JobSpec(command.value, args, files)
     client = cluster.connect(address)
     for caveat in cluster.remote_caveats(cfg, job_env):
