@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -238,14 +239,14 @@ def delete_tree(loc: Location) -> None:
 # Credentials in URIs (database, tracking and endpoint URIs may carry a user and password)
 
 
-def mask_credentials(uri: str) -> str:
-    """`uri` with its password (if any) replaced by ***, for messages, logs and MLflow params."""
-    parts = urlsplit(uri)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return uri
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^\s/]+@")
+
+
+def mask_credentials(text: str) -> str:
+    """`text` (a URI, or a message, log line or YAML holding URIs) with the password of every
+    `scheme://user:password@host` replaced by ***: for messages, logs, MLflow params and
+    artifacts."""
+    return _USERINFO.sub(r"\g<scheme>\g<user>:***@", text)
 
 
 def strip_credentials(uri: str) -> str:

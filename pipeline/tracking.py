@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import flatten
 from pipeline.errors import TrackingUnavailable
+from pipeline.storage import mask_credentials
 from pipeline.tags import (
     CONFIG_ARTIFACT,
     GIT_COMMIT_ENV,
@@ -212,7 +213,7 @@ def log_params_flat(config_dict: dict[str, Any]) -> dict[str, str]:
 
 
 def _param_value(value: Any) -> str:
-    return str(value)[:MAX_PARAM_VALUE_CHARS]
+    return mask_credentials(str(value))[:MAX_PARAM_VALUE_CHARS]
 
 
 def standard_tags() -> dict[str, str]:
@@ -464,7 +465,7 @@ def log_run_artifacts(
     """config.yaml, learning_curves.png, confusion_matrix.png, per_class_accuracy.csv and
     test_metrics.json, at the root of the active run's artifacts."""
     _active_run_id()
-    mlflow.log_text(config_yaml, CONFIG_ARTIFACT)
+    mlflow.log_text(mask_credentials(config_yaml), CONFIG_ARTIFACT)
     mlflow.log_figure(plot_learning_curves(history), "learning_curves.png")
     if confusion is not None:
         mlflow.log_figure(plot_confusion_matrix(confusion, class_names), "confusion_matrix.png")

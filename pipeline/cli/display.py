@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.events import EpochEnd, EventSink, Phase, StepProgress, TrainingStarted, TrialUpdate
+from pipeline.storage import mask_credentials
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -34,13 +35,17 @@ err = make_console(stderr=True)
 
 
 def error_line(message: str) -> None:
-    """A user error: one `error:` line on stderr (the caller exits 2)."""
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """A user error: one `error:` line on stderr (the caller exits 2), passwords in URIs
+    masked, several lines of a message joined into one."""
+    text = " ".join(mask_credentials(message).split("\n"))
+    err.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def note(message: str, style: str | None = None) -> None:
-    text = escape(message) if style is None else f"[{style}]{escape(message)}[/]"
-    err.print(text, highlight=False, soft_wrap=True)
+    message = escape(mask_credentials(message))
+    err.print(
+        message if style is None else f"[{style}]{message}[/]", highlight=False, soft_wrap=True
+    )
 
 
 def plain(text: str, *, stderr: bool = False) -> None:
