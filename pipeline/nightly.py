@@ -258,13 +258,13 @@ def run_nightly(
     settings = lock or LockSettings(timeout_s=10.0, ttl_s=300.0)
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(NightlyLock(client, name, settings))
+            lock_held = held.enter_context(NightlyLock(client, name, settings))
         except RegistryError as exc:
             raise NightlyError(f"another nightly run is in progress: {exc}") from None
-        return _locked(cfg, client, manifest, name, date, force, on_event, started)
+        return _locked(cfg, client, manifest, name, date, force, on_event, started, lock_held)
 
 
-def _locked(cfg, client, manifest, name, date, force, on_event, started) -> NightlyReport:
+def _locked(cfg, client, manifest, name, date, force, on_event, started, lock) -> NightlyReport:
     import mlflow
 
     from pipeline import tracking
@@ -303,7 +303,7 @@ def _locked(cfg, client, manifest, name, date, force, on_event, started) -> Nigh
     )
     mlflow.end_run()  # training opens its own run; the report is written at the end
     try:
-        _retrain(cfg, client, manifest, name, champion, report, run_name, force, on_event)
+        _retrain(cfg, client, manifest, name, champion, report, run_name, force, on_event, lock)
     except BaseException as exc:
         report.decision = "failed"
         report.error = f"{type(exc).__name__}: {exc}"
@@ -319,7 +319,9 @@ def _locked(cfg, client, manifest, name, date, force, on_event, started) -> Nigh
     return report
 
 
-def _retrain(cfg, client, manifest, name, champion, report, run_name, force, on_event) -> None:
+def _retrain(
+    cfg, client, manifest, name, champion, report, run_name, force, on_event, lock
+) -> None:
     from pipeline.registry import promote
     from pipeline.train.trainer import run_training
 
@@ -351,6 +353,12 @@ def _retrain(cfg, client, manifest, name, champion, report, run_name, force, on_
     }
     if summary.model_version is None:
         raise NightlyError("the training run registered no model version")
+    try:  # a long training may have outlived the lease (MLflow down longer than its ttl)
+        lock.ensure_held()
+    except RegistryError as exc:
+        raise NightlyError(
+            f"{exc}; the trained version v{summary.model_version} stays registered"
+        ) from None
     if not cfg.registry.promote:
         report.decision = "trained"
         report.reason = (

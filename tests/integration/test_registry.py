@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -392,7 +393,8 @@ def test_promotion_lock_is_mutually_exclusive_across_processes(env, cfg, runs, t
 
 def test_a_stale_lease_is_taken_over_and_a_live_one_times_out(client, cfg, runs):
     name, _ = registered(cfg, runs, "weak")
-    dead = {"token": "dead", "host": "gone", "pid": 1, "expires": time.time() - 1}
+    # Not renewed, declaring a 1 s lease: a waiter takes it once it has seen it unchanged for 1 s.
+    dead = {"token": "dead", "host": "gone", "pid": 1, "beat": 7, "ttl_s": 1.0}
     client.set_registered_model_tag(name, PROMOTION_LOCK_TAG, json.dumps(dead))
     with PromotionLock(client, name, FAST_LOCK):
         live = json.loads(client.get_registered_model(name).tags[PROMOTION_LOCK_TAG])
@@ -404,6 +406,67 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_times_out(client, cfg, runs)
         ):
             pass
     assert PROMOTION_LOCK_TAG not in client.get_registered_model(name).tags
+
+
+def test_a_renewed_lease_holds_whatever_its_holders_clock_says(client, cfg, runs):
+    """Another machine whose clock is an hour behind keeps renewing its lease: its `expires`
+    looks long past here, yet the lease is live and must not be taken."""
+    name, _ = registered(cfg, runs, "weak")
+    stop = threading.Event()
+
+    def holder_elsewhere() -> None:
+        beat = 0
+        while not stop.is_set():
+            beat += 1
+            lease = {"token": "other", "host": "far", "pid": 9, "beat": beat, "ttl_s": 0.6}
+            lease["expires"] = time.time() - 3600 + 0.6  # its clock is an hour behind ours
+            client.set_registered_model_tag(name, PROMOTION_LOCK_TAG, json.dumps(lease))
+            stop.wait(0.15)
+
+    thread = threading.Thread(target=holder_elsewhere, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        with (
+            pytest.raises(RegistryError, match="holds the lock"),
+            PromotionLock(client, name, LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=2.0)),
+        ):
+            pass
+    finally:
+        stop.set()
+        thread.join()
+    # Its holder gone, the same lease is free one ttl later.
+    with PromotionLock(client, name, LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=10.0)):
+        assert json.loads(client.get_registered_model(name).tags[PROMOTION_LOCK_TAG])["token"] != (
+            "other"
+        )
+
+
+@pytest.mark.parametrize("garbage", ["not json", '"a string"', "[1, 2]", '{"token": 5}'])
+def test_a_malformed_lease_tag_is_taken_over_with_a_warning(client, cfg, runs, garbage, caplog):
+    name, _ = registered(cfg, runs, "weak")
+    client.set_registered_model_tag(name, PROMOTION_LOCK_TAG, garbage)
+    with caplog.at_level("WARNING"), PromotionLock(client, name, FAST_LOCK):
+        pass
+    assert "not a lease" in caplog.text
+    assert PROMOTION_LOCK_TAG not in client.get_registered_model(name).tags
+
+
+def test_a_lease_not_renewed_for_its_ttl_is_lost(client, cfg, runs, monkeypatch):
+    """MLflow unreachable for longer than the lease: the holder must not act on it any more."""
+    name, _ = registered(cfg, runs, "weak")
+    settings = LockSettings(ttl_s=0.9, settle_s=0.3, poll_s=0.1, timeout_s=10.0)
+    with PromotionLock(client, name, settings) as held:
+        held.ensure_held()
+
+        def outage(*args, **kwargs):
+            raise RegistryError("MLflow is down")
+
+        monkeypatch.setattr(held, "_write", outage)
+        time.sleep(1.5)
+        with pytest.raises(RegistryError, match="lost the promotion or rollback lock"):
+            held.ensure_held()
+        monkeypatch.undo()
 
 
 # --- queries ------------------------------------------------------------------------------------

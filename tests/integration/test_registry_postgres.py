@@ -171,3 +171,32 @@ def test_wrong_postgresql_uri_fails_naming_the_uri(
     _assert_clear_error(result, took, shown, secret, expected)
     assert "check that the server runs" in result.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_on_a_postgresql_store_an_advisory_lock_is_the_primary_mutex(postgres_server):
+    """Two lockers of one model on a PostgreSQL tracking store: the second waits on the advisory
+    lock the first holds (visible in pg_locks) and gives up at its deadline; different models
+    do not contend."""
+    from types import SimpleNamespace
+
+    from pipeline.errors import RegistryError
+    from pipeline.registry import LockSettings, PromotionLock
+
+    client = SimpleNamespace(tracking_uri=postgres_server.uri())
+    quick = LockSettings(poll_s=0.05, timeout_s=0.5)
+    first = PromotionLock(client, "pg-model", quick)
+    first._lock_database(time.monotonic() + 5)
+    try:
+        with postgres_server.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            assert cur.fetchone()[0] == 1
+        second = PromotionLock(client, "pg-model", quick)
+        with pytest.raises(RegistryError, match="holds the lock"):
+            second._lock_database(time.monotonic() + 0.5)
+        other = PromotionLock(client, "another-model", quick)
+        other._lock_database(time.monotonic() + 5)
+        other._unlock_database()
+    finally:
+        first._unlock_database()
+    second._lock_database(time.monotonic() + 5)  # released: free again
+    second._unlock_database()
