@@ -9,6 +9,7 @@ import torch
 from pipeline.config import StorageConfig
 from pipeline.data.shards import read_manifest
 from pipeline.data.transform import iter_split
+from pipeline.data.validate import verify_split
 from pipeline.errors import DatasetError
 from pipeline.model_package import input_resize, load_logged_model, preprocessing
 from pipeline.train.metrics import EpochMeter, per_class_accuracy
@@ -20,6 +21,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     model, meta = load_logged_model(model_uri)
     manifest = read_manifest(data_uri, storage)
+    verify_split(data_uri, manifest, split, storage)  # the data scored is the data listed
     image, norm = preprocessing(meta)
     if image.shape != manifest.image.shape:
         raise DatasetError(

@@ -134,3 +134,26 @@ def ensure_dataset(cfg: PipelineConfig) -> Manifest:
     for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
         manifest.split(split)  # raises naming the missing split
     return manifest
+
+
+def verify_split(
+    uri: str, manifest: Manifest, split: str, storage: StorageConfig | None = None
+) -> None:
+    """Everything `validate_dataset` checks, for the one split about to be scored: the manifest's
+    digest, and each of the split's shards (size, sha256, schema, rows, labels in range, images
+    decode). A score on data that does not match its manifest would mean nothing: evaluation and
+    the promotion gate call this first. Raises DatasetError naming the shards and what is wrong."""
+    root = st.resolve(uri, storage)
+    problems = []
+    if dataset_digest(manifest.splits) != manifest.digest:
+        problems.append(f"{root.join('manifest.json').uri}: digest does not match the shard list")
+    for shard in manifest.split(split).shards:
+        problems.extend(_check_shard(root.join(shard.path), shard, manifest))
+    if problems:
+        shown = "; ".join(problems[:3]) + (
+            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        raise DatasetError(
+            f"{uri}: split {split!r} does not match its manifest, so it cannot be scored: {shown}. "
+            f"Run `pipeline data validate {uri}`, and re-create the dataset"
+        )

@@ -132,12 +132,19 @@ def _evaluate(model_dir: Path, version: str, data_uri: str, split: str, storage)
     from pipeline.evaluation import evaluate_model
 
     result = evaluate_model(str(model_dir), data_uri, split, storage)
+    rows = [sum(row) for row in result["confusion"]]
     return Evaluation(
         version=version,
         acc=float(result["acc"]),
         loss=float(result["loss"]),
         count=int(result["count"]),
-        per_class={k: float(v) for k, v in result["per_class_accuracy"].items()},
+        # A class with no held-out rows has no accuracy to judge: it is left out, so that
+        # `class_floor` does not refuse every candidate for a class the split lacks.
+        per_class={
+            k: float(v)
+            for (k, v), n in zip(result["per_class_accuracy"].items(), rows, strict=True)
+            if n > 0
+        },
     )
 
 

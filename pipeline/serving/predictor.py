@@ -31,6 +31,9 @@ from pipeline.serving.pulled import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, verify
 from pipeline.tags import PULL_META_FILE
 
 BATCH = 256  # images per forward pass: bounds memory for long lists
+# An encoded image is checked before it is decoded: a few KB of PNG can declare 15000x15000
+# pixels (a decompression bomb). 36 MP is a 7360x4912 full-frame camera photo.
+MAX_IMAGE_PIXELS = 36_000_000
 
 ImageInput = Any  # np.ndarray (HxW, HxWxC, or NxHxWxC), PIL.Image.Image, bytes (PNG/JPEG)
 Forward = Callable[[np.ndarray], np.ndarray]  # normalised float32 NCHW -> logits (N, classes)
@@ -62,8 +65,15 @@ def _one_image(item: Any, image: ImageSpec) -> np.ndarray:
     if isinstance(item, bytes | bytearray | memoryview):
         try:
             with Image.open(io.BytesIO(bytes(item))) as img:
+                width, height = img.size  # read from the header: nothing decoded yet
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(
+                        f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS:,}; "
+                        "resize it before sending"
+                    )
                 return _from_pil(img, image)
-        except (OSError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            # PIL: UnidentifiedImageError is an OSError
             raise ValueError(f"bytes do not decode as an image ({exc}); send PNG or JPEG") from None
     if isinstance(item, Image.Image):
         return _from_pil(item, image)

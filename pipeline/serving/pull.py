@@ -57,8 +57,7 @@ def pull(
     if fmt not in FORMATS:
         raise ServingError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise ServingError(f"{dest}: already exists; pass --overwrite or choose another --dest")
+    _check_dest(dest, overwrite)
     staging = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
     try:
         with tempfile.TemporaryDirectory(prefix="pull-") as tmp:
@@ -192,7 +191,28 @@ def _pull_record(fmt, source, meta, check, staging: Path) -> dict[str, Any]:
     }
 
 
+def _check_dest(dest: Path, overwrite: bool) -> None:
+    """`--overwrite` replaces only what a pull wrote (a folder with pipeline_pull.json) or an
+    empty folder: never a file, nor a folder of someone else's files."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not overwrite:
+        raise ServingError(f"{dest}: already exists; pass --overwrite or choose another --dest")
+    if dest.is_symlink() or not dest.is_dir():
+        raise ServingError(
+            f"{dest}: not a folder; --overwrite replaces only a folder written by `pipeline "
+            "pull`. Choose another --dest"
+        )
+    if any(dest.iterdir()) and not (dest / PULL_META_FILE).is_file():
+        raise ServingError(
+            f"{dest}: holds files that `pipeline pull` did not write (no {PULL_META_FILE}); "
+            "--overwrite replaces only a pulled folder or an empty one. Choose another --dest"
+        )
+
+
 def _move_into_place(staging: Path, dest: Path) -> None:
+    """Swap the finished staging folder in; the folder it replaces (checked by _check_dest to
+    be a pull or empty) is removed, leaving nothing behind."""
     if not dest.exists():
         staging.rename(dest)
         return
@@ -203,4 +223,4 @@ def _move_into_place(staging: Path, dest: Path) -> None:
     except BaseException:
         old.rename(dest)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old)

@@ -17,6 +17,10 @@ from pipeline.errors import ServingError
 from pipeline.model_package import rebuild
 from pipeline.serving.predictor import Predictor, torch_forward
 
+# One request's encoded images, together: beyond this the scoring server answers 400 before it
+# decodes anything (one image's pixels are capped by `predictor.MAX_IMAGE_PIXELS`).
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
 
 class PyfuncPredictor(mlflow.pyfunc.PythonModel):
     """Input: a DataFrame with a column `image` of base64-encoded PNG/JPEG bytes (a list of
@@ -32,6 +36,7 @@ class PyfuncPredictor(mlflow.pyfunc.PythonModel):
 
         cells = list(model_input["image"]) if hasattr(model_input, "columns") else model_input
         try:
+            _check_request_size(cells)
             predictions = self.predictor.predict(
                 [_decode_base64(i, c) for i, c in enumerate(cells)]
             )
@@ -44,6 +49,16 @@ class PyfuncPredictor(mlflow.pyfunc.PythonModel):
                 "confidence": [p.confidence for p in predictions],
                 "probabilities": [list(p.probabilities.values()) for p in predictions],
             }
+        )
+
+
+def _check_request_size(cells: list[Any]) -> None:
+    # base64 carries 3 bytes in 4 characters
+    total = sum(len(c) if isinstance(c, bytes) else len(str(c)) * 3 // 4 for c in cells)
+    if total > MAX_REQUEST_BYTES:
+        raise ServingError(
+            f"the request carries {total:,} bytes of images, over the limit of "
+            f"{MAX_REQUEST_BYTES:,}; send fewer or smaller images per request"
         )
 
 

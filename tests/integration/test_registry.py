@@ -575,3 +575,61 @@ def test_unreachable_server_fails_fast_naming_the_uri(env):
     )
     assert result.returncode == 2 and dead in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
+
+
+def _tampered_copy(digits, tmp_path: Path, labels) -> tuple[str, str]:
+    """A copy of the digits whose first test shard was rewritten with `labels(old) -> new`, the
+    manifest untouched (as if edited in place by someone); (dataset, shard file)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, manifest = digits
+    dst = tmp_path / "tampered"
+    shutil.copytree(src, dst)
+    shard = dst / manifest.split("test").shards[0].path
+    table = pq.read_table(shard)
+    new = pa.array(labels(table.column("label").to_numpy()), type=pa.int64())
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", new), shard)
+    return str(dst), str(shard)
+
+
+@pytest.mark.parametrize(
+    "labels", [lambda y: y * 0, lambda y: y + 100], ids=["all-zero", "out-of-range"]
+)
+def test_the_gate_refuses_data_that_does_not_match_its_manifest(
+    env, cfg, runs, digits, tmp_path, labels
+):
+    name, v = registered(cfg, runs, "weak", "strong")
+    promote(connect(env.uri), name, candidate=v["weak"], lock=FAST_LOCK)
+    data, shard = _tampered_copy(digits, tmp_path, labels)
+    for args in (
+        ["promote", name, "--candidate", v["strong"], "--data", data, "--dry-run"],
+        ["evaluate", "--model", f"models:/{name}/{v['strong']}", "--data", data],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+        assert shard in result.stderr and "does not match its manifest" in result.stderr
+        assert "Traceback" not in result.output
+    assert aliases(MlflowClient(env.uri), name) == {CHAMPION: v["weak"]}
+
+
+def test_the_class_floor_ignores_classes_without_held_out_rows(monkeypatch):
+    import pipeline.evaluation
+    from pipeline.registry import decide
+    from pipeline.registry.promotion import _evaluate
+
+    scored = {  # class "b" has no row in the held-out split
+        "acc": 0.9,
+        "loss": 0.3,
+        "count": 10,
+        "per_class_accuracy": {"a": 0.9, "b": 0.0},
+        "confusion": [[9, 1], [0, 0]],
+    }
+    monkeypatch.setattr(pipeline.evaluation, "evaluate_model", lambda *a, **k: scored)
+    candidate = _evaluate(Path("unused"), "2", "data", "test", None)
+    assert candidate.per_class == {"a": 0.9}
+    assert decide(candidate, None, 0.0, class_floor=0.5)[0]

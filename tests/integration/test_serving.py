@@ -191,6 +191,30 @@ def test_unusable_inputs_are_named(predictor, bad, expected):
     assert "image 1" in str(info.value)
 
 
+def pixel_bomb(side: int = 15000) -> bytes:
+    """A PNG of a few KB that declares side x side pixels."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_oversized_images_and_requests_are_refused_before_decoding(predictor, monkeypatch):
+    from pipeline.serving import pyfunc
+
+    bomb = pixel_bomb()
+    assert len(bomb) < 100_000
+    with pytest.raises(ServingError, match=r"image 0: 15000x15000 pixels is over the limit"):
+        predictor.predict([bomb])
+    server_side = pyfunc.PyfuncPredictor()
+    server_side.predictor = predictor
+    monkeypatch.setattr(pyfunc, "MAX_REQUEST_BYTES", 1000)
+    cells = [base64.b64encode(png(np.zeros((8, 8), np.uint8))).decode()] * 20
+    with pytest.raises(mlflow.exceptions.MlflowException, match="over the limit of 1,000"):
+        server_side.predict(None, pd.DataFrame({"image": cells}))
+
+
 def test_unknown_model_alias_and_unreachable_server_are_clear_errors(env, champion):
     with pytest.raises(ValueError, match="no registered model 'no-such-model'"):
         load("models:/no-such-model@champion")
@@ -275,9 +299,22 @@ def test_a_failed_pull_leaves_no_partial_dest(env, champion, tmp_path, monkeypat
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(ServingError, match="already exists; pass --overwrite"):
         pull(champion["uri"], existing, "torchscript")
+    # --overwrite never deletes what a pull did not write: not a folder of other files...
+    with pytest.raises(ServingError, match="did not write"):
+        pull(champion["uri"], existing, "torchscript", overwrite=True)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
-    pull(champion["uri"], existing, "torchscript", overwrite=True)
-    assert not (existing / "keep.txt").exists() and (existing / PULL_META_FILE).is_file()
+    plain = tmp_path / "d"
+    plain.write_text("a file")
+    with pytest.raises(ServingError, match="not a folder"):  # ...nor a file
+        pull(champion["uri"], plain, "torchscript", overwrite=True)
+    assert plain.read_text() == "a file"
+    # An empty folder or an earlier pull is replaced, and nothing is left beside it.
+    empty = tmp_path / "e"
+    empty.mkdir()
+    pull(champion["uri"], empty, "torchscript", overwrite=True)
+    pull(champion["uri"], empty, "onnx", overwrite=True)
+    assert json.loads((empty / PULL_META_FILE).read_text())["format"] == "onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d", "e"]
 
 
 def test_cli_pull(env, champion, tmp_path):
@@ -347,6 +384,10 @@ def test_scoring_server_answers_posted_images(env, champion, predictor, test_ima
         )
         status, body = post(url, {"dataframe_records": [{"image": "not base64!"}]})
         assert status == 400 and "not base64" in body["message"]
+        bomb = base64.b64encode(pixel_bomb()).decode()  # a few KB declaring 225 MP
+        status, body = post(url, {"dataframe_records": [{"image": bomb}]})
+        assert status == 400 and "over the limit" in body["message"]
+        assert proc.poll() is None  # and the server is still up
     finally:
         stop(proc)
 
