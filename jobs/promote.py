@@ -13,7 +13,11 @@ from pathlib import Path
 # The project shipped with the job comes before any installed copy of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import app
+from jobs.environment import require_pipeline_environment
+
+require_pipeline_environment()  # one clear message if this Python lacks a dependency
+
+from pipeline.cli import app  # noqa: E402 - only once the environment is known to be complete
 
 if __name__ == "__main__":
     app(["promote", *sys.argv[1:]], prog_name="jobs/promote.py")

@@ -1,9 +1,11 @@
 """Ray job submission: run a `pipeline` command on a Ray cluster and follow it.
 
 Talks only to the cluster dashboard's job API over HTTP (`ray.job_submission.JobSubmissionClient`);
-it never calls `ray.init`, so submitting costs a second, not a Ray start-up. A job ships the project
-(the `pipeline` package, `jobs/`, configs) as its runtime_env `working_dir`, without virtualenvs,
-data, runs, MLflow stores or Parquet files, and runs one of the `jobs/*.py` entrypoints there:
+it never calls `ray.init`, so submitting costs a second, not a Ray start-up. A job ships the
+project's tracked files (git's list; outside a checkout the folder minus virtualenvs, data, runs,
+MLflow stores and Parquet) as its runtime_env `working_dir`, never `.env*` files or keys, and runs
+one of the `jobs/*.py` entrypoints there, which first checks the cluster's Python
+(`jobs/environment.py`):
 
     pipeline submit train --config jobs/configs/digits.yaml --wait
         -> python jobs/train.py --config jobs/configs/digits.yaml   (on the cluster)
@@ -11,10 +13,11 @@ data, runs, MLflow stores or Parquet files, and runs one of the `jobs/*.py` entr
 Config files outside the project are shipped too (under `_submitted/`). The cluster's address comes
 from `--address`, else RAY_ADDRESS (the dashboard's http://HOST:8265), else http://127.0.0.1:8265.
 
-Environment variables a job needs to reach the same MLflow and S3 as the submitter are forwarded
-when set (FORWARDED_ENV), plus any `--env K=V`. They are stored in the job's runtime_env, which the
-dashboard shows to anyone who can reach it: on a shared cluster prefer credentials the cluster
-already has (an instance role, a Kubernetes secret) to forwarding AWS keys.
+Where the job finds MLflow and S3 is forwarded when set (FORWARDED_ENV; the tracking URI without
+user and password), with the submitter's git commit and any `--env K=V`. They are stored in the
+job's runtime_env, which the dashboard shows to anyone who can reach it, so credentials
+(CREDENTIAL_ENV) are sent only with `--forward-credentials`: by default the job uses what the
+cluster has (an instance role, a Kubernetes Secret).
 """
 
 from __future__ import annotations
@@ -384,8 +387,10 @@ def submit(
     spec: JobSpec,
     env: dict[str, str] | None = None,
     project_dir: Path = PROJECT_DIR,
+    pip: bool = False,
 ) -> str:
-    """Ship the project and start the job; returns its submission id."""
+    """Ship the project and start the job; returns its submission id. `pip`: the job's runtime
+    environment installs the pipeline's requirements (for a cluster whose Python lacks them)."""
     address = client.get_address()
     # Ray's client logs every packaging step at INFO; the CLI says what was submitted itself.
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
@@ -395,6 +400,10 @@ def submit(
         runtime_env: dict[str, Any] = {"working_dir": str(working_dir)}
         if env:
             runtime_env["env_vars"] = env
+        if pip:
+            from pipeline.requirements import pip_requirements
+
+            runtime_env["pip"] = {"packages": pip_requirements(project_dir), "pip_check": False}
         with _requests_to(address):
             return client.submit_job(
                 entrypoint=spec.entrypoint(project_dir),

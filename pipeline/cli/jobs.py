@@ -64,6 +64,14 @@ def submit_command(
     date: Annotated[
         str | None, typer.Option("--date", help="Nightly only: the day it counts for (YYYY-MM-DD).")
     ] = None,
+    pip: Annotated[
+        bool,
+        typer.Option(
+            "--pip",
+            help="Install the pipeline's requirements in the job's runtime environment (for a "
+            "cluster whose Python lacks them; slow the first time).",
+        ),
+    ] = False,
     forward_credentials: Annotated[
         bool,
         typer.Option(
@@ -98,7 +106,7 @@ def submit_command(
     client = cluster.connect(address)
     for caveat in cluster.remote_caveats(cfg, job_env):
         display.note(f"warning: {caveat}", "yellow")
-    job_id = cluster.submit(client, spec, job_env)
+    job_id = cluster.submit(client, spec, job_env, pip=pip)
     display.plain(job_id)
     display.plain(
         f"submitted to {client.get_address()}: {spec.entrypoint()}\n"

@@ -5,7 +5,7 @@ own layer or the layers below it, at module level and inside functions alike.
       -> nightly, tune, registry, serving, cluster, schedule, servers
         -> train, evaluation
           -> data, models, tracking, model_package
-            -> config, storage, errors, tags, events, ray_compat
+            -> config, storage, errors, tags, events, ray_compat, requirements
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = [
-    {"config", "storage", "errors", "tags", "events", "ray_compat"},
+    {"config", "storage", "errors", "tags", "events", "ray_compat", "requirements"},
     {"data", "models", "tracking", "model_package"},
     {"train", "evaluation"},
     {"nightly", "tune", "registry", "serving", "cluster", "schedule", "servers"},

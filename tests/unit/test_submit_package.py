@@ -100,3 +100,34 @@ def test_the_local_commit_travels_with_the_job(project, monkeypatch):
     from pipeline.tracking import standard_tags
 
     assert standard_tags()["git_commit"] == head  # what a run on the cluster records
+
+
+def test_a_job_on_a_python_without_the_dependencies_says_what_is_missing(tmp_path):
+    """The cluster runs `python jobs/train.py` with its own interpreter: here, the bare Python
+    this venv was made from, which has none of the project's dependencies."""
+    import sys
+
+    bare = getattr(sys, "_base_executable", None)
+    if not bare or sys.prefix == sys.base_prefix:
+        pytest.skip("not in a virtual environment: no bare interpreter to compare with")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [bare, "-I", str(root / "jobs" / "train.py"), "--config", "jobs/configs/digits.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: this cluster's Python"), result.stderr
+    assert "typer (missing)" in lines[0] and "pipeline submit --pip" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_pip_requirements_pin_what_the_cluster_must_agree_on():
+    from pipeline.requirements import pip_requirements
+
+    lines = pip_requirements()
+    assert "torch==2.14.1" in lines and "ray[default,train,tune]==2.60.0" in lines
+    assert any(line.startswith("typer") for line in lines)
