@@ -204,12 +204,33 @@ class RegistryConfig(_Section):
     class_floor: float = Field(0.0, ge=0, le=1)  # no class's accuracy may fall below this
 
 
+NightlyOutcome = Literal["failed", "promoted", "refused", "no-new-data", "trained", "skipped"]
+
+
 class NightlyConfig(_Section):
     """`pipeline nightly`: how tonight's model starts when there is a champion."""
 
     init: Literal["champion", "scratch"] = "champion"  # fine-tune the champion, or start afresh
     epochs: int | None = Field(None, ge=1)  # fine-tuning epochs; None: train.epochs
     lr: float | None = Field(None, gt=0)  # fine-tuning peak learning rate; None: train.lr
+    # Webhooks (Slack-compatible: a JSON body with `text`) told about a night's outcome; also
+    # PIPELINE_NOTIFY_URLS (comma-separated). Webhook URLs are secrets: never logged or shown.
+    notify: list[str] = Field(default_factory=list)
+    notify_on: list[NightlyOutcome] = Field(default_factory=lambda: ["failed"])
+    notify_timeout_s: float = Field(10.0, gt=0, le=120)  # per webhook; a failed send is logged
+
+    @field_validator("notify")
+    @classmethod
+    def _webhooks(cls, urls: list[str]) -> list[str]:
+        for i, url in enumerate(urls):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"notify[{i}]: expected an http(s):// webhook URL")
+        return urls
+
+    def webhooks(self) -> list[str]:
+        """The configured webhooks, then PIPELINE_NOTIFY_URLS's."""
+        extra = os.environ.get("PIPELINE_NOTIFY_URLS", "")
+        return [*self.notify, *(u.strip() for u in extra.split(",") if u.strip())]
 
 
 class PipelineConfig(_Section):

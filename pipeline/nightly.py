@@ -27,9 +27,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.errors import NightlyError, RegistryError, root_cause
+from pipeline.errors import NightlyError, PipelineError, RegistryError, root_cause
 from pipeline.events import EventSink
 from pipeline.registry import LockSettings, PromotionLock, aliases_of, mlflow_errors
+from pipeline.storage import mask_credentials, strip_credentials
 from pipeline.tags import (
     CHAMPION,
     KIND_TAG,
@@ -88,6 +89,7 @@ class NightlyReport:
     metrics: dict[str, float] = field(default_factory=dict)
     promotion: dict[str, Any] | None = None
     nightly_run_id: str | None = None
+    nightly_run_url: str | None = None  # where to read the report (the MLflow run's page)
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     seconds: float = 0.0
     error: str | None = None
@@ -239,6 +241,47 @@ def run_nightly(
     on_event: EventSink | None = None,
     lock: LockSettings | None = None,
 ) -> NightlyReport:
+    """One night: retrain on new data, register, promote only if better, report; the outcome
+    is sent to `nightly.notify`'s webhooks when it is one of `nightly.notify_on`."""
+    date = date or datetime.now(UTC).date().isoformat()
+    try:
+        report = _run_nightly(cfg, force=force, date=date, on_event=on_event, lock=lock)
+    except (NightlyError, PipelineError) as exc:
+        failed = getattr(exc, "report", None) or NightlyReport(
+            date, cfg.registry.model_name or "?", "failed", "the run failed before training"
+        )
+        failed.error = failed.error or str(exc)
+        notify(cfg, failed)
+        raise
+    notify(cfg, report)
+    return report
+
+
+def notify(cfg: PipelineConfig, report: NightlyReport) -> list[str]:
+    """Send the report to the webhooks if its decision is one to be told about; never raises.
+    Returns the webhooks that could not be reached."""
+    from pipeline import notify as webhooks
+
+    urls = cfg.nightly.webhooks()
+    if not urls or report.decision not in cfg.nightly.notify_on:
+        return []
+    text = f"nightly {report.date} for {report.model_name}: {report.decision}. {report.reason}"
+    if report.error:
+        text += f" Error: {report.error}"
+    if report.nightly_run_url:
+        text += f" Report: {report.nightly_run_url}"
+    payload = {"text": mask_credentials(text), "report": json.loads(report_json(report))}
+    return webhooks.send(urls, payload, cfg.nightly.notify_timeout_s)
+
+
+def _run_nightly(
+    cfg: PipelineConfig,
+    *,
+    force: bool,
+    date: str,
+    on_event: EventSink | None,
+    lock: LockSettings | None,
+) -> NightlyReport:
     from pipeline.registry import connect
     from pipeline.train.trainer import preflight
 
@@ -249,7 +292,6 @@ def run_nightly(
         raise NightlyError("registry.model_name is not set: nightly registers and promotes into it")
     if not cfg.tracking.log_model:
         raise NightlyError("tracking.log_model is false: nightly needs the model to register it")
-    date = date or datetime.now(UTC).date().isoformat()
     uri = cfg.tracking.resolved_uri()
     client = connect(uri, cfg.tracking.timeout_s)
     manifest = preflight(cfg)  # data, model and server checked before anything else
@@ -301,6 +343,10 @@ def _locked(cfg, client, manifest, name, date, force, on_event, started, lock) -
             NIGHTLY_FORCED_TAG: str(force).lower(),
         },
     )
+    from pipeline.train.trainer import run_link
+
+    experiment_id = mlflow.get_run(report.nightly_run_id).info.experiment_id
+    report.nightly_run_url = run_link(strip_credentials(uri), experiment_id, report.nightly_run_id)
     mlflow.end_run()  # training opens its own run; the report is written at the end
     try:
         _retrain(cfg, client, manifest, name, champion, report, run_name, force, on_event, lock)
@@ -309,12 +355,17 @@ def _locked(cfg, client, manifest, name, date, force, on_event, started, lock) -
         report.error = f"{type(exc).__name__}: {exc}"
         report.reason = "the run failed; the champion was not changed"
         _record_failure(client, report, name, started)
-        if isinstance(exc, KeyboardInterrupt | NightlyError):
+        if isinstance(exc, KeyboardInterrupt):
             raise
-        raise NightlyError(
+        if isinstance(exc, NightlyError):
+            exc.report = report
+            raise
+        error = NightlyError(
             f"nightly {date} for {name!r} failed: {root_cause(exc)} (champion unchanged: "
             f"{_v(report.champion_after)}; report in MLflow run {report.nightly_run_id})"
-        ) from exc
+        )
+        error.report = report
+        raise error from exc
     _write_report(client, report, started, status="FINISHED")
     return report
 

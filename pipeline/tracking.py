@@ -196,7 +196,9 @@ def log_params_flat(config_dict: dict[str, Any]) -> dict[str, str]:
     artifact of the new attempt records it).
     """
     run_id = _active_run_id()
-    wanted = {key: _param_value(value) for key, value in flatten(config_dict).items()}
+    wanted = {
+        key: _param_value(value) for key, value in flatten(redact_config(config_dict)).items()
+    }
     existing = MlflowClient().get_run(run_id).data.params
     changed = sorted(k for k in wanted if k in existing and existing[k] != wanted[k])
     if changed:
@@ -214,6 +216,42 @@ def log_params_flat(config_dict: dict[str, Any]) -> dict[str, str]:
 
 def _param_value(value: Any) -> str:
     return mask_credentials(str(value))[:MAX_PARAM_VALUE_CHARS]
+
+
+# Config fields whose values are secrets in themselves (a webhook URL is its own credential).
+SECRET_FIELDS = ("nightly.notify",)
+
+
+def _redacted(value: Any) -> str:
+    count = len(value) if isinstance(value, list | tuple) else int(bool(value))
+    return f"<{count} hidden>"
+
+
+def redact_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with SECRET_FIELDS hidden, for params and artifacts."""
+    import copy
+
+    out = copy.deepcopy(config_dict)
+    for path in SECRET_FIELDS:
+        if out.get(path):  # already flattened
+            out[path] = _redacted(out[path])
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(leaf):
+            node[leaf] = _redacted(node[leaf])
+    return out
+
+
+def config_yaml_for_mlflow(config_yaml: str) -> str:
+    """The resolved config as logged: secret fields hidden, passwords in URIs masked."""
+    import yaml
+
+    loaded = yaml.safe_load(config_yaml)
+    if isinstance(loaded, dict):
+        config_yaml = yaml.safe_dump(redact_config(loaded), sort_keys=False)
+    return mask_credentials(config_yaml)
 
 
 def standard_tags() -> dict[str, str]:
@@ -465,7 +503,7 @@ def log_run_artifacts(
     """config.yaml, learning_curves.png, confusion_matrix.png, per_class_accuracy.csv and
     test_metrics.json, at the root of the active run's artifacts."""
     _active_run_id()
-    mlflow.log_text(mask_credentials(config_yaml), CONFIG_ARTIFACT)
+    mlflow.log_text(config_yaml_for_mlflow(config_yaml), CONFIG_ARTIFACT)
     mlflow.log_figure(plot_learning_curves(history), "learning_curves.png")
     if confusion is not None:
         mlflow.log_figure(plot_confusion_matrix(confusion, class_names), "confusion_matrix.png")

@@ -28,8 +28,8 @@ from pipeline.ray_compat import (
     release_recorded_placement_group,
     tuner_trials,
 )
-from pipeline.storage import mask_credentials
 from pipeline.tags import CONFIG_ARTIFACT, KIND_TAG, PARENT_RUN_TAG, SEARCH_TAG, TRIAL_TAG
+from pipeline.tracking import config_yaml_for_mlflow
 from pipeline.tune.results import TuneSummary, finish_search, summary_from_mlflow
 from pipeline.tune.space import SearchSpace, trial_config
 
@@ -241,7 +241,7 @@ def _open_parent(cfg, name: str, space: SearchSpace, manifest) -> tuple[str, str
         params=params,
         texts={
             "space.yaml": yaml.safe_dump(s.model_dump(), sort_keys=False),
-            CONFIG_ARTIFACT: mask_credentials(cfg.to_yaml()),
+            CONFIG_ARTIFACT: config_yaml_for_mlflow(cfg.to_yaml()),
         },
     )
 

@@ -20,7 +20,7 @@ LAYERS = [
     {"config", "storage", "errors", "tags", "events", "ray_compat", "requirements"},
     {"data", "models", "tracking", "model_package"},
     {"train", "evaluation"},
-    {"nightly", "tune", "registry", "serving", "cluster", "schedule", "servers"},
+    {"nightly", "tune", "registry", "serving", "cluster", "schedule", "servers", "notify"},
     {"cli", "jobs"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
