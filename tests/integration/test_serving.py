@@ -288,7 +288,7 @@ def test_a_corrupted_pulled_file_is_refused(env, champion, tmp_path):
 def test_a_failed_pull_leaves_no_partial_dest(env, champion, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no version or alias 'nope'"):
         pull(f"models:/{champion['name']}@nope", tmp_path / "a", "onnx")
-    monkeypatch.setitem(serving.pull.TOLERANCE, "onnx", -1.0)  # any difference fails the check
+    monkeypatch.setitem(serving.export.TOLERANCE, "onnx", -1.0)  # any difference fails the check
     with pytest.raises(ServingError, match="nothing was written"):
         pull(champion["uri"], tmp_path / "b", "onnx")
     assert list(tmp_path.iterdir()) == []  # neither DEST nor a staging directory
