@@ -148,16 +148,25 @@ def best_command(
 def models_registered(
     name: NameArg,
     limit: Annotated[int, typer.Option(min=1, help="Newest versions shown.")] = 50,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Show this version's model card instead.")
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     tracking_uri: TrackingUriOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """A registered model's versions with aliases, metrics and tags."""
-    from pipeline.registry import registered_model, registered_versions
+    """A registered model's versions with aliases, metrics and tags; or one version's card."""
+    from pipeline.registry import registered_model, registered_versions, resolve_version
 
     _, client = _registry_setup(config, overrides, tracking_uri)
     registered_model(client, name)  # a clear error for an unknown name
+    if version is not None:
+        from pipeline.registry.card import stored_card
+
+        found = resolve_version(client, name, version)
+        display.plain(stored_card(client, name, str(found.version)))
+        return
     rows = registered_versions(client, name, limit)
     if as_json:
         display.plain(json.dumps(rows, indent=2))

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import StorageConfig
 from pipeline.errors import RegistryError
+from pipeline.registry.card import write_model_card
 from pipeline.registry.lease import LockSettings, PromotionLock
 from pipeline.registry.versions import (
     aliases_of,
@@ -282,6 +283,7 @@ def _record(client, version: str, run_id: str | None, decision: PromotionDecisio
             base = f"{COMPARISON_DIR}/{stamp}-v{version}"
             client.log_dict(run_id, decision.to_dict(), f"{base}.json")
             client.log_text(run_id, decision.to_markdown(), f"{base}.md")
+        write_model_card(client, decision.name, version)  # the card now tells the decision
 
 
 def rollback(client, name: str, lock: LockSettings | None = None) -> tuple[str, str]:

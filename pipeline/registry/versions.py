@@ -31,7 +31,8 @@ def version_tags(run: Any) -> dict[str, str]:
 
 
 def register_run_model(cfg: PipelineConfig, run_id: str):
-    """Register the run's logged model `model` as a new version of `registry.model_name`."""
+    """Register the run's logged model `model` as a new version of `registry.model_name`, with
+    its model card."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -39,9 +40,13 @@ def register_run_model(cfg: PipelineConfig, run_id: str):
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     run = client.get_run(run_id)
-    return mlflow.register_model(
+    version = mlflow.register_model(
         logged_model_uri(client, run, "model"), cfg.registry.model_name, tags=version_tags(run)
     )
+    from pipeline.registry.card import write_model_card
+
+    write_model_card(client, version.name, str(version.version))
+    return version
 
 
 def logged_model_uri(client, run, name: str) -> str:

@@ -69,6 +69,7 @@ def pull(
             staging.mkdir()
             _EXPORTS[fmt](model, meta, local, staging)
             check = _check(fmt, model, meta, staging)
+        _write_card(source, tracking_uri, timeout_s, staging)
         record = _pull_record(fmt, source, meta, check, staging)
         (staging / PULL_META_FILE).write_text(json.dumps(record, indent=2))
         verify_pulled(staging)
@@ -77,6 +78,18 @@ def pull(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return record
+
+
+def _write_card(source: dict[str, Any], tracking_uri: str | None, timeout_s: float, out: Path):
+    """A registered version's model card travels with it (hashed like every pulled file)."""
+    if not source.get("name") or not source.get("version"):
+        return  # a runs:/ URI: no registered version, no card
+    from pipeline.config import TrackingConfig
+    from pipeline.registry import connect
+    from pipeline.registry.card import CARD_FILE, stored_card
+
+    client = connect(tracking_uri or TrackingConfig().resolved_uri(), timeout_s)
+    (out / CARD_FILE).write_text(stored_card(client, source["name"], source["version"]))
 
 
 def _with_predictor(

@@ -633,3 +633,29 @@ def test_the_class_floor_ignores_classes_without_held_out_rows(monkeypatch):
     candidate = _evaluate(Path("unused"), "2", "data", "test", None)
     assert candidate.per_class == {"a": 0.9}
     assert decide(candidate, None, 0.0, class_floor=0.5)[0]
+
+
+def test_every_version_has_a_model_card_that_follows_its_promotion(env, cfg, runs):
+    name, v = registered(cfg, runs, "strong")
+    client = MlflowClient(env.uri)
+    mv = client.get_model_version(name, v["strong"])
+    assert mv.tags["model_card"] == f"model_cards/{name}-v{v['strong']}.md"
+    shown = cli("models", "registered", name, "--version", v["strong"])
+    assert shown.exit_code == 0, shown.output
+    card = shown.stdout
+    assert card.startswith(f"# {name} version {v['strong']}")
+    run = client.get_run(runs["strong"])
+    for expected in (
+        "## Data",
+        run.data.tags["pipeline.dataset_digest"],
+        "## Training recipe",
+        "model.name: cifar_resnet20",
+        "## Input",
+        "## Lineage",
+        runs["strong"],
+        "not yet through the promotion gate",
+    ):
+        assert expected in card, expected
+    promote(connect(env.uri), name, candidate=v["strong"], lock=FAST_LOCK)
+    card = cli("models", "registered", name, "--version", "champion").stdout
+    assert "Aliases: champion" in card and "- decision: promoted" in card

@@ -324,6 +324,9 @@ def test_cli_pull(env, champion, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert f"(version {champion['version']})" in result.stdout and "sha256" in result.stdout
+    card = (dest / "model_card.md").read_text()  # the card travels with the model, hashed
+    assert card.startswith(f"# {champion['name']} version {champion['version']}")
+    assert "model_card.md" in json.loads((dest / PULL_META_FILE).read_text())["files"]
     bad = CliRunner().invoke(
         app,
         [
