@@ -41,6 +41,8 @@ from pipeline.errors import ClusterError
 from pipeline.ray_compat import token_auth_headers
 from pipeline.tags import GIT_COMMIT_ENV, SUBMITTED_COMMAND_TAG
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0  # an unreachable head fails within this (plus one retry-free request)
 VERSION_TIMEOUT_S = 10.0  # a head that accepts connections must answer the version check in this
@@ -475,11 +477,71 @@ def follow(
     on_logs: Callable[[str], None] | None = None,
     poll_max_s: float = POLL_MAX_S,
 ) -> JobState:
-    """Poll until the job finishes, passing each new piece of its log to `on_logs`.
+    """Wait until the job finishes, passing its log to `on_logs` as it is written.
 
-    `get_job_logs` returns the whole log; only what is new since the last poll is passed on.
-    The interval starts at POLL_MIN_S and doubles up to `poll_max_s`, back to the minimum
-    whenever something new arrived."""
+    The log streams through the job API's tail (a websocket) while the job's status is checked
+    every few seconds, so a silent stream never outlives the job; whatever the stream missed is
+    fetched once at the end. Where the tail is unavailable (a proxy without websockets), the
+    whole log is polled instead."""
+    if on_logs is not None:
+        try:
+            return _follow_tail(client, job_id, on_logs)
+        except _TailUnavailable as exc:
+            log.info("log stream unavailable (%s); polling the log instead", exc)
+    return _follow_poll(client, job_id, on_logs, poll_max_s)
+
+
+class _TailUnavailable(Exception):
+    pass
+
+
+TAIL_STATUS_S = 3.0  # how often the job's status is checked while its log streams
+TAIL_GRACE_S = 5.0  # how long the stream may run on after the job has finished
+
+
+def _follow_tail(client, job_id: str, on_logs: Callable[[str], None]) -> JobState:
+    import asyncio
+
+    printed: list[int] = [0]
+
+    async def consume() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            on_logs(chunk)
+            printed[0] += len(chunk)
+
+    async def main() -> JobState:
+        tail = asyncio.create_task(consume())
+        while True:
+            done, _ = await asyncio.wait({tail}, timeout=TAIL_STATUS_S)
+            state = await asyncio.to_thread(job_state, client, job_id)
+            if state.finished or done:
+                break
+        if not tail.done():
+            await asyncio.wait({tail}, timeout=TAIL_GRACE_S)
+            tail.cancel()
+            await asyncio.gather(tail, return_exceptions=True)
+        error = None if tail.cancelled() else tail.exception()
+        if error is not None:
+            if printed[0] == 0:
+                raise _TailUnavailable(str(error))
+            log.info("log stream broke (%s); fetching the rest", error)
+        while not state.finished:  # the stream ended first: wait for the job itself
+            await asyncio.sleep(TAIL_STATUS_S)
+            state = await asyncio.to_thread(job_state, client, job_id)
+        return state
+
+    state = asyncio.run(main())
+    rest = job_logs(client, job_id)[printed[0] :]
+    if rest:
+        on_logs(rest)
+    return state
+
+
+def _follow_poll(
+    client, job_id: str, on_logs: Callable[[str], None] | None, poll_max_s: float
+) -> JobState:
+    """Poll status and the whole log; pass on only what is new. The interval starts at
+    POLL_MIN_S and doubles up to `poll_max_s`, back to the minimum whenever something arrived."""
     seen, interval = 0, POLL_MIN_S
     while True:
         state = job_state(client, job_id)
