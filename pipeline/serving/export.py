@@ -27,6 +27,7 @@ from pipeline.serving.predictor import _forward_of, torch_forward
 from pipeline.serving.pulled import (
     FORMATS,
     ONNX_FILE,
+    PT2_FILE,
     TORCHSCRIPT_FILE,
     _files,
     sha256_file,
@@ -36,7 +37,7 @@ from pipeline.tags import MODEL_META_FILE, PULL_META_FILE, WEIGHTS_FILE
 
 # Largest |logit difference| allowed between an export and the network it came from. TorchScript
 # runs the same kernels; ONNX Runtime fuses and reorders float ops.
-TOLERANCE = {"torchscript": 1e-5, "onnx": 1e-4, "state_dict": 1e-6, "mlflow": 1e-6}
+TOLERANCE = {"torchscript": 1e-5, "onnx": 1e-4, "pt2": 1e-5, "state_dict": 1e-6, "mlflow": 1e-6}
 
 
 def pull(
@@ -116,6 +117,20 @@ def _export_torchscript(model: nn.Module, meta: dict[str, Any], _local: Path, ou
         torch.jit.save(traced, str(out / TORCHSCRIPT_FILE))
 
 
+def _export_pt2(model: nn.Module, meta: dict[str, Any], _local: Path, out: Path) -> None:
+    example = torch.from_numpy(example_input(meta, batch=2))
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # export failures come in many types
+        raise ServingError(
+            f"torch.export cannot export this model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written, try "
+            "--format torchscript or onnx"
+        ) from None
+    torch.export.save(program, str(out / PT2_FILE))
+
+
 def _export_onnx(model: nn.Module, meta: dict[str, Any], _local: Path, out: Path) -> None:
     example = torch.from_numpy(example_input(meta, batch=2))
     with warnings.catch_warnings(), _quiet_stdout():
@@ -163,6 +178,7 @@ def _export_mlflow(_model: nn.Module, _meta: dict[str, Any], local: Path, out: P
 _EXPORTS = {
     "torchscript": _export_torchscript,
     "onnx": _export_onnx,
+    "pt2": _export_pt2,
     "state_dict": _export_state_dict,
     "mlflow": _export_mlflow,
 }

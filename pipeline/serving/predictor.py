@@ -27,7 +27,7 @@ from pipeline.data.transform import BatchTransform
 from pipeline.errors import ServingError
 from pipeline.model_package import input_resize, preprocessing, rebuild
 from pipeline.serving.fetch import download
-from pipeline.serving.pulled import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, verify_pulled
+from pipeline.serving.pulled import FORMATS, ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE, verify_pulled
 from pipeline.tags import PULL_META_FILE
 
 BATCH = 256  # images per forward pass: bounds memory for long lists
@@ -180,6 +180,18 @@ def _torchscript_forward(path: Path) -> Forward:
         return torch_forward(torch.jit.load(str(path), map_location="cpu"))
 
 
+def _pt2_forward(path: Path) -> Forward:
+    # Only after verify_pulled checked the file's sha256 against what this pull wrote. The
+    # program was exported in eval mode (batch norm's running statistics are baked in).
+    module = torch.export.load(str(path)).module()
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).float().numpy()
+
+    return forward
+
+
 def _onnx_forward(path: Path) -> Forward:
     import onnxruntime as ort
 
@@ -216,6 +228,8 @@ def _forward_of(fmt: str, path: Path) -> Forward:
         return _torchscript_forward(path / TORCHSCRIPT_FILE)
     if fmt == "onnx":
         return _onnx_forward(path / ONNX_FILE)
+    if fmt == "pt2":
+        return _pt2_forward(path / PT2_FILE)
     if fmt in ("state_dict", "mlflow"):
         model, _ = rebuild(path)
         return torch_forward(model)

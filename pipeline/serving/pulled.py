@@ -10,9 +10,10 @@ from typing import Any
 from pipeline.errors import IntegrityError
 from pipeline.tags import PULL_META_FILE
 
-FORMATS = ("torchscript", "onnx", "state_dict", "mlflow")
+FORMATS = ("torchscript", "onnx", "pt2", "state_dict", "mlflow")
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
+PT2_FILE = "model.pt2"  # torch.export's ExportedProgram (torch.export.save)
 
 
 def _files(root: Path) -> list[str]:
