@@ -64,17 +64,21 @@ def _one_image(item: Any, image: ImageSpec) -> np.ndarray:
 
     if isinstance(item, bytes | bytearray | memoryview):
         try:
-            with Image.open(io.BytesIO(bytes(item))) as img:
-                width, height = img.size  # read from the header: nothing decoded yet
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ValueError(
-                        f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS:,}; "
-                        "resize it before sending"
-                    )
-                return _from_pil(img, image)
-        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            # PIL: UnidentifiedImageError is an OSError
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(bytes(item)))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(_too_many_pixels("the image")) from None
+        except (OSError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
             raise ValueError(f"bytes do not decode as an image ({exc}); send PNG or JPEG") from None
+        with img:
+            width, height = img.size  # read from the header: nothing is decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(_too_many_pixels(f"{width}x{height}"))
+            try:
+                return _from_pil(img, image)
+            except (OSError, SyntaxError) as exc:
+                raise ValueError(f"bytes do not decode as an image ({exc})") from None
     if isinstance(item, Image.Image):
         return _from_pil(item, image)
     if isinstance(item, np.ndarray):
@@ -83,6 +87,10 @@ def _one_image(item: Any, image: ImageSpec) -> np.ndarray:
         f"unsupported input {type(item).__name__}; pass a uint8 array (HxW or HxWxC), a PIL "
         "image or PNG/JPEG bytes"
     )
+
+
+def _too_many_pixels(what: str) -> str:
+    return f"{what} has more pixels than the limit of {MAX_IMAGE_PIXELS:,}; resize it first"
 
 
 def _from_array(pixels: np.ndarray, image: ImageSpec) -> np.ndarray:
