@@ -224,19 +224,37 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 5001,
     workers: Annotated[int, typer.Option(min=1)] = 1,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Allow a non-loopback --host: the scoring server has no authentication.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """Serve a model's image predictor with MLflow's scoring server (POST /invocations)."""
     import os
+    import tempfile
 
     from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.servers import is_loopback
     from pipeline.serving import predictor_uri, scoring_server_command, scoring_server_env
+    from pipeline.serving.pyfunc import verified_predictor
 
+    if not is_loopback(host) and not insecure:  # MLflow's scoring server has no authentication
+        raise ConfigError(
+            f"--host {host}: the scoring server has no authentication, so anyone who reaches it "
+            "can use it; bind 127.0.0.1 behind an authenticating proxy, or pass --insecure"
+        )
     cfg = load_config(config, overrides or [])
     tracking = tracking_uri or cfg.tracking.resolved_uri()
     model = predictor_uri(uri, tracking_uri=tracking, timeout_s=cfg.tracking.timeout_s)
-    cmd = scoring_server_command(model, host, port, workers)
+    # The server runs the checked local copy (kept for its lifetime), not the store's.
+    local = verified_predictor(model, Path(tempfile.mkdtemp(prefix="pipeline-serve-")), tracking)
+    cmd = scoring_server_command(str(local), host, port, workers)
     display.plain(f"serving {uri} ({model}) on http://{host}:{port}/invocations", stderr=True)
     os.execve(cmd[0], cmd, scoring_server_env(tracking))

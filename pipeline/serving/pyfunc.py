@@ -15,6 +15,7 @@ import pandas as pd
 
 from pipeline.errors import ServingError
 from pipeline.model_package import rebuild
+from pipeline.registry import mlflow_errors
 from pipeline.serving.predictor import Predictor, torch_forward
 
 # One request's encoded images, together: beyond this the scoring server answers 400 before it
@@ -71,6 +72,48 @@ def _decode_base64(row: int, cell: Any) -> bytes:
         raise ServingError(
             f"row {row}: `image` is not base64 (send base64 PNG/JPEG bytes)"
         ) from None
+
+
+def verified_predictor(model_uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
+    """Download the `predictor/` model at `model_uri` into `dst` and check that what the scoring
+    server would execute is this package's own entry module, byte for byte; the local copy.
+
+    MLflow's scoring server runs a models-from-code file, or unpickles a pickled `PythonModel`:
+    either way, code from the artifact store. Only the file this package writes
+    (`pipeline/serving/pyfunc_entry.py`, matched by sha256) is served, from the checked copy."""
+    import hashlib
+
+    import mlflow
+    import yaml
+
+    from pipeline.model_package import PREDICTOR_ENTRY
+
+    with mlflow_errors(model_uri):
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri
+            )
+        )
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise ServingError(f"{model_uri}: not a pyfunc model ({exc})") from None
+    refuse = f"{model_uri}: refusing to serve it"
+    if flavor.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or flavor.get("code"):
+        raise ServingError(
+            f"{refuse}: it is not the pipeline's models-from-code predictor (a pickled or "
+            "foreign model would run code from the artifact store)"
+        )
+    code = local / Path(str(flavor.get("model_code_path", ""))).name
+    expected = hashlib.sha256(PREDICTOR_ENTRY.read_bytes()).hexdigest()
+    actual = hashlib.sha256(code.read_bytes()).hexdigest() if code.is_file() else "missing"
+    if actual != expected:
+        raise ServingError(
+            f"{refuse}: its code file {code.name} (sha256 {actual[:16]}) is not the one this "
+            f"pipeline version writes ({expected[:16]}); re-register the model with this version "
+            "or serve it with the version that logged it"
+        )
+    return local
 
 
 def scoring_server_env(tracking_uri: str) -> dict[str, str]:
