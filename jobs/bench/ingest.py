@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -123,6 +124,22 @@ class FileDataset:
         return torch.from_numpy(crop_flip(self.files[i].read_bytes(), self.rng).copy())
 
 
+def tree_cpu_s() -> float:
+    """CPU seconds used so far by this process and every descendant (Ray's daemons and workers,
+    the DataLoader's workers): on a shared machine, CPU per image is steadier than images/s."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def epoch_rate(batches) -> float:
     start, n = time.perf_counter(), 0
     for b in batches:
@@ -171,11 +188,13 @@ def main() -> None:
 
     # -- loaders --------------------------------------------------------------------------------
     import ray
+    import ray.data
     import torch
 
     from pipeline.data.shards import read_manifest
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     manifest = read_manifest(str(work / "ds"))
     ds = photo_dataset(str(work / "ds"), manifest, "train", crop=CROP, train=True, batch_size=BATCH)
     loader = torch.utils.data.DataLoader(
@@ -189,7 +208,7 @@ def main() -> None:
 
     def ray_epoch() -> float:
         batches = ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4)
-        return epoch_rate(torch.from_numpy(b["image"]) for b in batches)
+        return epoch_rate(b["image"] for b in batches)
 
     loaders = {
         "one": lambda: one_process(files),
@@ -200,11 +219,17 @@ def main() -> None:
     for name in ("ray", "torch"):  # warm-up: worker processes, imports, page cache
         loaders[name]()
     rates: dict[str, list[float]] = {k: [] for k in loaders}
+    cpu_ms: dict[str, list[float]] = {k: [] for k in loaders}  # CPU-ms per image, whole tree
     order = list(loaders)
     for r in range(args.rounds):
         for name in order[r % len(order) :] + order[: r % len(order)]:
+            before = tree_cpu_s()
             rates[name].append(loaders[name]())
-            print(f"round {r}: {name:6s} {rates[name][-1]:7.0f} img/s")
+            cpu_ms[name].append(1000 * (tree_cpu_s() - before) / len(files))
+            print(
+                f"round {r}: {name:6s} {rates[name][-1]:7.0f} img/s "
+                f"{cpu_ms[name][-1]:5.2f} CPU-ms/image"
+            )
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -218,6 +243,7 @@ def main() -> None:
         "rounds": args.rounds,
         "rates": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "median_img_per_s": {k: round(v, 1) for k, v in med.items()},
+        "median_cpu_ms_per_image": {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
         "ray_over_torch": round(med["ray"] / med["torch"], 3),
         "ray_over_one": round(med["ray"] / med["one"], 3),
         "plain_torchvision_one_process": round(med["plain"], 1),
@@ -235,6 +261,7 @@ def main() -> None:
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

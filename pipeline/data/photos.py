@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
@@ -96,6 +96,17 @@ def _prepare_chunk(task: _Task) -> list[_Outcome]:
     return out
 
 
+def _context(files: Sequence[ImageFile]):
+    """fork when everything is local: the children start in milliseconds and only run Pillow
+    and NumPy on files they open themselves. spawn as soon as S3 is involved: a forked child
+    would inherit the AWS SDK's threads and connections mid-flight (a spawned child starts
+    clean, in about a second: it imports the pipeline and the caller's main module)."""
+    s3 = any(st.is_s3(f.source) for f in files) or st.s3_filesystem_opened()
+    if s3 or "fork" not in get_all_start_methods():
+        return get_context("spawn")
+    return get_context("fork")
+
+
 class _InProcess(Executor):
     """`workers=1`: the same code path without a pool (and its start-up)."""
 
@@ -114,8 +125,7 @@ def _outcomes(
     if workers == 1 or len(chunks) <= 1:
         pool: Executor = _InProcess()
     else:
-        # spawn: the caller may hold threads (Ray, rich's live display) that fork would copy.
-        pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=get_context("spawn"))
+        pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=_context(files))
     pending: deque[tuple[list[ImageFile], Future]] = deque()
     todo = iter(chunks)
     try:
