@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -140,6 +141,13 @@ def tree_cpu_s() -> float:
     return total
 
 
+def own_and_reaped_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the import's pool)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def epoch_rate(batches) -> float:
     start, n = time.perf_counter(), 0
     for b in batches:
@@ -170,7 +178,7 @@ def main() -> None:
         opts = WriteOptions(
             out=str(work / "ds"), encoding="jpeg", shard_mb=args.shard_mb, overwrite=True
         )
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), own_and_reaped_cpu_s()
         import_image_folder(
             work / "src",
             opts,
@@ -178,13 +186,19 @@ def main() -> None:
             test_fraction=0,
             images=ImportOptions(workers=workers),
         )
+        import_cpu[workers].append(1000 * (own_and_reaped_cpu_s() - cpu) / len(files))
         return len(files) / (time.perf_counter() - start)
 
     imports: dict[str, list[float]] = {"parallel": [], "single": []}
+    import_cpu: dict[int, list[float]] = {cores: [], 1: []}
     for r in range(args.rounds):
         for kind in ("parallel", "single") if r % 2 == 0 else ("single", "parallel"):
-            imports[kind].append(run_import(cores if kind == "parallel" else 1))
-            print(f"import {kind:8s} {imports[kind][-1]:7.0f} img/s")
+            workers = cores if kind == "parallel" else 1
+            imports[kind].append(run_import(workers))
+            print(
+                f"import {kind:8s} {imports[kind][-1]:7.0f} img/s "
+                f"{import_cpu[workers][-1]:5.2f} CPU-ms/image"
+            )
 
     # -- loaders --------------------------------------------------------------------------------
     import ray
@@ -250,6 +264,10 @@ def main() -> None:
         "cores_per_gpu_at_3000": round(GPU_RATE / med["one"], 1),
         "import_img_per_s": {k: [round(x, 1) for x in v] for k, v in imports.items()},
         "import_parallel_over_single": round(imp["parallel"] / imp["single"], 3),
+        "import_cpu_ms_per_image": {
+            "parallel": round(statistics.median(import_cpu[cores]), 3),
+            "single": round(statistics.median(import_cpu[1]), 3),
+        },
     }
     print(json.dumps(result, indent=2))
     print(
