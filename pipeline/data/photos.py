@@ -45,7 +45,11 @@ class ImportOptions:
             raise DatasetError(f"quality must be in 1..100, got {self.quality}")
 
     def pool_size(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
+        if self.workers:
+            return self.workers
+        if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
