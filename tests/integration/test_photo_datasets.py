@@ -303,3 +303,54 @@ def test_s3_overwrite_cleanup_stays_inside_the_prefix(s3_server):
     assert body == b"precious"
     r = cli("data", "validate", uri, *ep)
     assert r.exit_code == 1 and "inside the dataset" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Through Ray Data: what a training worker receives
+
+
+def test_photo_dataset_hands_workers_uint8_crops_and_reshuffles_files_each_epoch(
+    ray_session, tmp_path
+):
+    import ray.data
+
+    src = tmp_path / "src"
+    make_photo_tree(src, per_class=10)
+    out = str(tmp_path / "ds")
+    opts = WriteOptions(out=out, encoding="jpeg", shard_rows=2)
+    m = import_image_folder(src, opts, val_fraction=0.2, test_fraction=0, seed=1)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # so that file order is visible in row order
+    try:
+        check_photo_dataset(out, m)
+    finally:
+        ctx.execution_options.preserve_order = False
+
+
+def check_photo_dataset(out: str, m) -> None:
+    import torch
+
+    from pipeline.config import CropConfig
+    from pipeline.data.ingest import photo_dataset
+    from pipeline.data.transform import iter_split, to_float_normalized
+
+    crop = CropConfig(size=32)
+    train = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3)
+    epochs = []
+    for _ in range(3):
+        batches = list(train.iter_batches(batch_size=4, batch_format="numpy"))
+        images = np.concatenate([b["image"] for b in batches])
+        assert images.dtype == np.uint8 and images.shape == (m.splits["train"].rows, 32, 32, 3)
+        epochs.append(np.concatenate([b["label"] for b in batches]).tolist())
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
+    assert len({tuple(e) for e in epochs}) > 1, "file order changes between epochs"
+    again = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3)
+    first = np.concatenate([b["label"] for b in again.iter_batches(batch_format="numpy")])
+    assert first.tolist() == epochs[0], "the same seed gives the same first epoch"
+    # Validation through Ray is exactly the single-process evaluation path, before normalising.
+    val = photo_dataset(out, m, "val", crop=crop, train=False, batch_size=4)
+    pixels = np.concatenate([b["image"] for b in val.iter_batches(batch_format="numpy")])
+    x, _ = zip(*iter_split(out, m, "val", crop=crop), strict=True)
+    torch.testing.assert_close(
+        torch.cat(x), to_float_normalized(torch.from_numpy(pixels), m.normalization).contiguous()
+    )
