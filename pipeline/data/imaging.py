@@ -114,7 +114,9 @@ def _stats(pixels: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray, i
 def prepare(data: bytes, recipe: ImageRecipe) -> EncodedImage:
     """Check, orient, convert and encode one source image. JPEGs in RGB or greyscale without a
     rotation are kept byte for byte (the statistics come from a reduced-size decode, which still
-    reads every byte, so a damaged file is caught); anything else is re-encoded."""
+    reads every byte, so a damaged file is caught); anything else is re-encoded. A `size` resize
+    decodes in full, then converts and resizes bilinearly: exactly what serving does to a raw
+    image (`pipeline.serving.to_pixels`), so a model sees the same pixels in both."""
     img = open_image(data)
     c = recipe.channels
     orientation = img.getexif().get(ORIENTATION, 1)
@@ -131,9 +133,8 @@ def prepare(data: bytes, recipe: ImageRecipe) -> EncodedImage:
         img.draft(mode_for(c), (max(1, width // 8), max(1, height // 8)))
         small = np.asarray(to_channels(load(img), c))
         return EncodedImage(data, height, width, *_stats(small, c), reencoded=False)
-    if img.format == "JPEG" and (recipe.size or too_big):
-        target = max(recipe.size) if recipe.size else recipe.max_side
-        img.draft(img.mode, (target, target))  # never below the target on either side
+    if img.format == "JPEG" and too_big and recipe.size is None:
+        img.draft(img.mode, (recipe.max_side, recipe.max_side))  # never below it on either side
     img = to_channels(ImageOps.exif_transpose(load(img)), c)
     if recipe.size is not None and img.size != (recipe.size[1], recipe.size[0]):
         img = img.resize((recipe.size[1], recipe.size[0]), RESAMPLE)

@@ -354,3 +354,23 @@ def check_photo_dataset(out: str, m) -> None:
     torch.testing.assert_close(
         torch.cat(x), to_float_normalized(torch.from_numpy(pixels), m.normalization).contiguous()
     )
+
+
+def test_a_resized_import_and_serving_see_the_same_pixels_of_a_rotated_jpeg(tmp_path):
+    from pipeline.serving import to_pixels
+    from tests.photos import save_rotated_jpeg
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    save_rotated_jpeg(photo(np.random.default_rng(5), 120, 200), src / "a" / "r.jpg")
+    photo(np.random.default_rng(6), 90, 90).save(src / "a" / "s.jpg")
+    out = str(tmp_path / "ds")
+    opts = WriteOptions(out=out, encoding="png")
+    m = import_image_folder(src, opts, size=(24, 16), val_fraction=0, test_fraction=0)
+    stored_pixels = imaging.decode(stored(out)["a/r.jpg"], 3)
+    served = to_pixels([(src / "a" / "r.jpg").read_bytes()], m.image)[0]
+    np.testing.assert_array_equal(served, stored_pixels)
+    # Upright: the stored 120x200 pixels, turned 90 degrees clockwise, then resized.
+    upright = Image.open(src / "a" / "r.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    expected = np.asarray(upright.resize((16, 24), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(stored_pixels, expected)
