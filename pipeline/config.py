@@ -72,6 +72,34 @@ class AugmentConfig(_Section):
         return self.rotate_degrees > 0 or self.scale > 0
 
 
+class CropConfig(_Section):
+    """The torchvision reference recipe for photographs (mixed-size datasets need it): training
+    RandomResizedCrop(size, scale, ratio) + horizontal flip, optionally TrivialAugmentWide or
+    RandAugment; evaluation Resize(size / eval_crop_ratio) + CenterCrop(size). Ray Data decodes
+    and crops to uint8; the worker converts to float, normalises and augments on its device."""
+
+    size: int = Field(224, ge=8, le=1024)  # the network's input side, in pixels
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area as a fraction of the image's
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio (width / height) range
+    hflip: bool = True
+    auto_augment: Literal["none", "trivialaugment", "randaugment"] = "none"
+    eval_crop_ratio: float = Field(0.875, gt=0, le=1)  # 224 / 256, torchvision's
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("expected [low, high] with 0 < low <= high <= 1")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("expected [low, high] aspect ratios with 0 < low <= high")
+        return value
+
+
 class DataConfig(_Section):
     uri: str = "data/digits"  # dataset root holding manifest.json (local path or s3://)
     prepare: Literal["digits"] | None = "digits"  # create the bundled dataset when uri is empty
@@ -88,6 +116,9 @@ class DataConfig(_Section):
     # 2 cores and dominates small datasets. "auto": when a worker's share is under cache_max_mb.
     cache: Literal["auto", "always", "never"] = "auto"
     cache_max_mb: float = Field(1024.0, gt=0)
+    # Photographs and any mixed-size dataset: random resized crops for training, centre crops for
+    # evaluation (see CropConfig). Fixed-size datasets leave it unset and keep resize + augment.
+    crop: CropConfig | None = None
 
     @field_validator("resize", mode="before")
     @classmethod
@@ -103,6 +134,14 @@ class DataConfig(_Section):
         ):
             raise ValueError("expected a side in pixels (1-4096) or [height, width]")
         return tuple(pair)
+
+    @model_validator(mode="after")
+    def _crop_or_resize(self) -> DataConfig:
+        if self.crop is not None and self.resize is not None:
+            raise ValueError(
+                "data.crop and data.resize both set the input size: use data.crop.size alone"
+            )
+        return self
 
     def absolute(self) -> DataConfig:
         return self.model_copy(update={"uri": _absolute_uri(self.uri)})

@@ -106,6 +106,11 @@ def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     )
 
 
+def s3_filesystem_opened() -> bool:
+    """True once this process has created an S3 filesystem (its SDK threads are running)."""
+    return _cached_s3.cache_info().currsize > 0
+
+
 @lru_cache(maxsize=8)
 def _cached_s3(
     access_key, secret_key, token, endpoint_url, region, connect_timeout, request_timeout, attempts

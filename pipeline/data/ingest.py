@@ -4,19 +4,27 @@ Ray Data pickles the `map_batches` function with the dataset, and every process 
 the plan (Train's DatasetManager, each split's SplitCoordinator, the read tasks) imports this
 module. It therefore imports neither torch nor torchvision: that would add about 3 CPU-seconds
 to each of those start-ups, on the path to the first training step (see README "Performance").
-The torch side (`BatchTransform`, `WorkerCache`, `iter_split`) is `pipeline.data.transform`.
+The torch side (`BatchTransform`, `WorkerCache`, `iter_split`, `to_float_normalized`) is
+`pipeline.data.transform`.
+
+Photographs (`data.crop`, `photo_dataset`): the map tasks decode and crop only, handing fixed-size
+uint8 NHWC batches on (a quarter of float32's bytes through Arrow, the object store and PCIe);
+the worker converts, normalises and mixes on its device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline import storage as st
-from pipeline.config import AugmentConfig, StorageConfig
+from pipeline.config import AugmentConfig, CropConfig, StorageConfig
+from pipeline.data import imaging
 from pipeline.data.shards import ImageSpec, Manifest, Normalization, decode_images
+from pipeline.errors import DatasetError
 
 
 def shard_paths(uri: str, manifest: Manifest, split: str, storage: StorageConfig | None = None):
@@ -81,3 +89,97 @@ def ray_dataset(
     else:
         fn = TransformBatches(manifest.image, manifest.normalization, augment, resize)
     return ds.map_batches(fn, batch_format="numpy", batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Photographs: decode + crop to fixed-size uint8
+
+
+@dataclass
+class DecodeCrop:
+    """Encoded batch (any sizes) -> dict(image=uint8 (N, size, size, C), label=int64).
+
+    Training: a RandomResizedCrop box drawn per image on its full size, decoded at the smallest
+    JPEG scale that still covers the box at `size` pixels, resized, then a random horizontal flip.
+    Evaluation: the centre crop of `imaging.evaluation_crop`. `seed=None` draws fresh entropy in
+    every map task (a fixed seed would give every task the same crops).
+    """
+
+    channels: int
+    crop: CropConfig
+    train: bool
+    seed: int | None = None
+    _rng: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        blobs = batch["image"]
+        size, c = self.crop.size, self.channels
+        out = np.empty((len(blobs), size, size, c), dtype=np.uint8)
+        for i, blob in enumerate(blobs):
+            try:
+                out[i] = self.crop_one(bytes(blob))
+            except imaging.ImageDecodeError as exc:
+                raise DatasetError(
+                    f"an image in the dataset does not decode ({exc}); run `pipeline data "
+                    "validate` on the dataset to find the shard and row"
+                ) from None
+        if self.train and self.crop.hflip:
+            flip = self._rng.random(len(out)) < 0.5
+            out[flip] = out[flip, :, ::-1]
+        return {"image": out, "label": np.asarray(batch["label"], dtype=np.int64)}
+
+    def crop_one(self, blob: bytes) -> np.ndarray:
+        img = imaging.open_image(blob)
+        if not self.train:
+            return imaging.evaluation_crop(
+                img, self.crop.size, self.crop.eval_crop_ratio, self.channels
+            )
+        box = imaging.random_resized_crop_box(
+            img.height, img.width, self.crop.scale, self.crop.ratio, self._rng
+        )
+        return imaging.crop_resize(img, box, self.crop.size, self.channels)
+
+
+def epoch_shard_order(paths: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The files of a split in the order of epoch `epoch`: a permutation drawn from (train.seed,
+    epoch), so every epoch reads its files in a different, reproducible order (the local shuffle
+    buffer then mixes rows within what is read)."""
+    rng = np.random.default_rng([seed, epoch])
+    return [paths[i] for i in rng.permutation(len(paths))]
+
+
+def photo_dataset(
+    uri: str,
+    manifest: Manifest,
+    split: str,
+    *,
+    crop: CropConfig,
+    train: bool,
+    storage: StorageConfig | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    epoch: int | None = None,
+):
+    """A lazy Ray Dataset of one split as fixed-size uint8 NHWC batches (see `DecodeCrop`).
+
+    Training shuffles file order per epoch from `seed` (`train.seed`): with `epoch`, this epoch's
+    `epoch_shard_order` (for a dataset built per epoch); without, Ray reseeds its file shuffle
+    from (seed, execution) on every execution, i.e. every epoch of one dataset given to the
+    trainer. Evaluation reads in manifest order.
+    """
+    import ray.data
+
+    fs, paths = shard_paths(uri, manifest, split, storage)
+    shuffle = None
+    if train and epoch is not None:
+        paths = epoch_shard_order(paths, seed, epoch)
+    elif train:
+        shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+    return ds.select_columns(["image", "label"]).map_batches(
+        DecodeCrop(manifest.image.channels, crop, train),
+        batch_format="numpy",
+        batch_size=batch_size,
+    )

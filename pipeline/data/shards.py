@@ -1,8 +1,14 @@
 """The dataset format: Parquet shards per split plus a manifest written last.
 
 Layout: `<root>/<split>/part-NNNNN.parquet` and `<root>/manifest.json`. Columns: `image` (binary:
-PNG bytes, or raw uint8 pixels in HWC order with the shape recorded in the manifest), `label`
-(int64), `id` (string). The manifest is the commit marker: a dataset without one does not exist.
+JPEG bytes as given, PNG bytes, or raw uint8 pixels in HWC order with the shape recorded in the
+manifest), `label` (int64), `id` (string). The manifest is the commit marker: a dataset without one
+does not exist. Shard paths in a manifest are `<split>/part-NNNNN[-id].parquet`: a manifest naming
+anything else (`..`, an absolute path) is refused, so no reader or clean-up leaves the dataset.
+
+Format versions: 1 is a fixed image size in `raw` or `png`; 2 adds `jpeg` and mixed image sizes
+(`image.height`/`width` unset, per-split size statistics instead). A dataset that version 1 can
+describe is written as version 1, so older readers keep reading what they could before.
 
 Writes are all-or-nothing. Locally the whole dataset is written into a hidden staging directory
 beside the target and renamed into place. On S3 (no rename) the shards go under the final prefix
@@ -18,8 +24,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import uuid
+from array import array
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -28,13 +36,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
+from pipeline.data import imaging
 from pipeline.errors import DatasetError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this code reads and writes; see the module docstring
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SCHEMA = pa.schema(
     [
@@ -45,6 +55,10 @@ SCHEMA = pa.schema(
 )
 
 
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+SHARD_NAME = re.compile(r"part-[0-9]{5}(-[0-9a-f]{8})?\.parquet")
+
+
 class ShardInfo(BaseModel):
     path: str  # relative to the dataset root, e.g. "train/part-00000.parquet"
     rows: int = Field(ge=0)
@@ -52,33 +66,94 @@ class ShardInfo(BaseModel):
     sha256: str
 
 
+class SizeStats(BaseModel):
+    """Image sizes in one split of a mixed-size dataset (pixels, after EXIF orientation)."""
+
+    min_height: int
+    median_height: int
+    max_height: int
+    min_width: int
+    median_width: int
+    max_width: int
+
+    @classmethod
+    def of(cls, heights: list[int], widths: list[int]) -> SizeStats:
+        h, w = np.asarray(heights), np.asarray(widths)
+        return cls(
+            min_height=int(h.min()),
+            median_height=int(np.median(h)),
+            max_height=int(h.max()),
+            min_width=int(w.min()),
+            median_width=int(np.median(w)),
+            max_width=int(w.max()),
+        )
+
+
 class SplitInfo(BaseModel):
     rows: int = Field(ge=0)
     class_counts: list[int]
     shards: list[ShardInfo]
+    sizes: SizeStats | None = None  # mixed-size datasets only
 
 
 class ImageSpec(BaseModel):
-    encoding: Literal["raw", "png"]
-    height: int = Field(ge=1)
-    width: int = Field(ge=1)
+    encoding: Literal["raw", "png", "jpeg"]
+    height: int | None = Field(None, ge=1)  # None (with width): sizes vary, see SplitInfo.sizes
+    width: int | None = Field(None, ge=1)
     channels: Literal[1, 3]
     dtype: Literal["uint8"] = "uint8"
     layout: Literal["HWC"] = "HWC"  # raw pixel order
 
+    @model_validator(mode="after")
+    def _size_is_fixed_or_mixed(self) -> ImageSpec:
+        if (self.height is None) != (self.width is None):
+            raise ValueError("height and width are both set (fixed size) or both unset (mixed)")
+        if self.encoding == "raw" and self.height is None:
+            raise ValueError("raw pixels need a fixed height and width")
+        return self
+
+    @property
+    def fixed_size(self) -> bool:
+        return self.height is not None
+
     @property
     def shape(self) -> tuple[int, int, int]:
-        """(C, H, W), the order models see."""
+        """(C, H, W), the order models see. Mixed-size datasets have none: a crop gives it."""
+        if self.height is None or self.width is None:
+            raise DatasetError(
+                "the dataset's images have mixed sizes, so there is no one image shape; "
+                "set data.crop (RandomResizedCrop / CenterCrop size) to train or evaluate on it"
+            )
         return (self.channels, self.height, self.width)
 
     @property
     def raw_size(self) -> int:
-        return self.height * self.width * self.channels
+        c, h, w = self.shape
+        return h * w * c
+
+    def describe(self) -> str:
+        """`3x224x224 (png)` or `3 channels, mixed sizes (jpeg)`: for listings."""
+        if self.fixed_size:
+            return f"{self.channels}x{self.height}x{self.width} ({self.encoding})"
+        return f"{self.channels} channel(s), mixed sizes ({self.encoding})"
+
+    @property
+    def format_version(self) -> int:
+        """The oldest manifest version that can describe these images."""
+        return 1 if self.fixed_size and self.encoding in ("raw", "png") else 2
 
 
 class Normalization(BaseModel):
     mean: list[float]  # per channel, pixels scaled to [0, 1], over the train split
     std: list[float]
+
+
+class ImportSummary(BaseModel):
+    """What an import left out or changed: printed by the CLI, kept for the record."""
+
+    skipped: int = 0  # unreadable files left out with --skip-bad
+    skipped_examples: list[str] = []  # the first few, with the reason
+    reencoded: int = 0  # images converted (CMYK, EXIF rotation, resize) rather than kept as given
 
 
 class Manifest(BaseModel):
@@ -91,6 +166,16 @@ class Manifest(BaseModel):
     splits: dict[str, SplitInfo]
     normalization: Normalization
     digest: str
+    imported: ImportSummary | None = None
+
+    @model_validator(mode="after")
+    def _shards_stay_inside(self) -> Manifest:
+        for split, info in self.splits.items():
+            if not SPLIT_NAME.fullmatch(split):
+                raise ValueError(f"split name {split!r} must be letters, digits, '_' or '-'")
+            for shard in info.shards:
+                check_shard_path(split, shard.path)
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +190,16 @@ class Manifest(BaseModel):
                 f"dataset {self.name!r} has no split {name!r}; it has {sorted(self.splits)}"
             )
         return self.splits[name]
+
+
+def check_shard_path(split: str, path: str) -> None:
+    """A shard path must be `<split>/part-NNNNN[-id].parquet`: never `..`, never absolute."""
+    head, _, name = path.partition("/")
+    if head != split or not SHARD_NAME.fullmatch(name):
+        raise ValueError(
+            f"shard path {path!r} is not {split}/part-NNNNN.parquet inside the dataset "
+            "(a manifest may not point outside its dataset); re-create the dataset"
+        )
 
 
 def dataset_digest(splits: dict[str, SplitInfo]) -> str:
@@ -136,6 +231,8 @@ def to_hwc_uint8(image: np.ndarray, channels: int) -> np.ndarray:
 def encode_image(image: np.ndarray, spec: ImageSpec) -> bytes:
     if spec.encoding == "raw":
         return image.tobytes()
+    if spec.encoding == "jpeg":
+        raise ValueError("JPEG datasets store encoded files: add them with add_encoded")
     from PIL import Image
 
     buf = io.BytesIO()
@@ -144,8 +241,11 @@ def encode_image(image: np.ndarray, spec: ImageSpec) -> bytes:
 
 
 def decode_images(blobs: list[bytes], spec: ImageSpec) -> np.ndarray:
-    """Encoded column -> (N, H, W, C) uint8. Raises ValueError on a blob that does not decode."""
+    """Encoded column -> (N, H, W, C) uint8 for a fixed-size dataset. Raises ValueError on a blob
+    that does not decode (mixed-size datasets are decoded one image at a time: `decode_one`)."""
     n = len(blobs)
+    if not spec.fixed_size:
+        raise ValueError("mixed-size images do not stack into one array; decode them one by one")
     if spec.encoding == "raw":
         sizes = {len(b) for b in blobs}
         if sizes - {spec.raw_size}:
@@ -155,23 +255,24 @@ def decode_images(blobs: list[bytes], spec: ImageSpec) -> np.ndarray:
             )
         flat = np.frombuffer(b"".join(blobs), dtype=np.uint8)
         return flat.reshape(n, spec.height, spec.width, spec.channels)
-    from PIL import Image
-
     out = np.empty((n, spec.height, spec.width, spec.channels), dtype=np.uint8)
-    mode = "L" if spec.channels == 1 else "RGB"
     for i, blob in enumerate(blobs):
-        try:
-            with Image.open(io.BytesIO(blob)) as img:
-                arr = np.asarray(img.convert(mode))
-        except Exception as exc:  # PIL raises many types for bad bytes
-            raise ValueError(f"row {i}: PNG does not decode ({exc})") from None
+        arr = decode_one(blob, spec, i)
         if arr.shape[:2] != (spec.height, spec.width):
             raise ValueError(
                 f"row {i}: image is {arr.shape[0]}x{arr.shape[1]}, manifest says "
                 f"{spec.height}x{spec.width}"
             )
-        out[i] = arr.reshape(spec.height, spec.width, spec.channels)
+        out[i] = arr
     return out
+
+
+def decode_one(blob: bytes, spec: ImageSpec, row: int) -> np.ndarray:
+    """One PNG/JPEG -> HWC uint8; ValueError naming the row when it does not decode."""
+    try:
+        return imaging.decode(blob, spec.channels)
+    except imaging.ImageDecodeError as exc:
+        raise ValueError(f"row {row}: {spec.encoding.upper()} {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +316,9 @@ class DatasetWriter:
         self._sum = np.zeros(image.channels)
         self._sumsq = np.zeros(image.channels)
         self._pixels = 0
+        self._heights: dict[str, array] = {}
+        self._widths: dict[str, array] = {}
+        self.imported: ImportSummary | None = None  # set by an importer before the commit
         self.manifest: Manifest | None = None
         self._write_id = uuid.uuid4().hex[:8]
         self._replaced: Manifest | None = None
@@ -232,8 +336,16 @@ class DatasetWriter:
                     f"{self.target.uri}: a dataset already exists here; pass --overwrite to "
                     "replace it or choose another --out"
                 )
-            if self.target.is_s3:
-                self._replaced = read_manifest(self.target.uri, self.storage)
+            # Read (and so check) what is being replaced: clean-up deletes only the shards it
+            # lists, and a manifest pointing outside its dataset is refused here.
+            self._replaced = read_manifest(self.target.uri, self.storage)
+            if not self.target.is_s3:
+                _check_only_pipeline_files(Path(self.target.path), self._replaced)
+        elif not self.target.is_s3 and _non_empty_dir(Path(self.target.path)):
+            raise DatasetError(
+                f"{self.target.uri}: exists, is not empty and holds no dataset; choose another "
+                "--out (the pipeline replaces only datasets it wrote)"
+            )
         if self.target.is_s3:
             self.root = self.target
         else:
@@ -244,23 +356,43 @@ class DatasetWriter:
             self.root = st.Location(self.target.fs, str(staging), str(staging))
 
     def add(self, split: str, image: np.ndarray, label: int, row_id: str) -> None:
-        if not 0 <= label < len(self.classes):
-            raise DatasetError(
-                f"row {row_id!r}: label {label} is out of range for {len(self.classes)} classes"
-            )
-        h, w = image.shape[:2]
-        if (h, w) != (self.image.height, self.image.width):
-            raise DatasetError(
-                f"row {row_id!r}: image is {h}x{w}, the dataset is "
-                f"{self.image.height}x{self.image.width}; resize it first (--size)"
-            )
+        self._check_label(label, row_id)
+        self._check_size(row_id, *image.shape[:2])
         pixels = to_hwc_uint8(image, self.image.channels)
         if split == "train":
             x = pixels.reshape(-1, self.image.channels).astype(np.float64) / 255.0
             self._sum += x.sum(0)
             self._sumsq += (x * x).sum(0)
             self._pixels += x.shape[0]
-        blob = encode_image(pixels, self.image)
+        self._append(split, encode_image(pixels, self.image), label, row_id)
+
+    def add_encoded(self, split: str, image: imaging.EncodedImage, label: int, row_id: str) -> None:
+        """Add an image already encoded as the dataset stores it (an importer's output)."""
+        self._check_label(label, row_id)
+        self._check_size(row_id, image.height, image.width)
+        if split == "train":
+            self._sum += image.channel_sum
+            self._sumsq += image.channel_sumsq
+            self._pixels += image.pixels
+        if not self.image.fixed_size:
+            self._heights.setdefault(split, array("I")).append(image.height)
+            self._widths.setdefault(split, array("I")).append(image.width)
+        self._append(split, image.blob, label, row_id)
+
+    def _check_label(self, label: int, row_id: str) -> None:
+        if not 0 <= label < len(self.classes):
+            raise DatasetError(
+                f"row {row_id!r}: label {label} is out of range for {len(self.classes)} classes"
+            )
+
+    def _check_size(self, row_id: str, h: int, w: int) -> None:
+        if self.image.fixed_size and (h, w) != (self.image.height, self.image.width):
+            raise DatasetError(
+                f"row {row_id!r}: image is {h}x{w}, the dataset is "
+                f"{self.image.height}x{self.image.width}; resize it first (--size)"
+            )
+
+    def _append(self, split: str, blob: bytes, label: int, row_id: str) -> None:
         self._buffers.setdefault(split, []).append((blob, int(label), str(row_id)))
         self._buffer_bytes[split] = self._buffer_bytes.get(split, 0) + len(blob)
         full_rows = self.shard_rows is not None and len(self._buffers[split]) >= self.shard_rows
@@ -283,7 +415,7 @@ class DatasetWriter:
             schema=SCHEMA,
         )
         sink = pa.BufferOutputStream()
-        compression = "zstd" if self.image.encoding == "raw" else "none"  # PNG is compressed
+        compression = "zstd" if self.image.encoding == "raw" else "none"  # PNG/JPEG are
         pq.write_table(table, sink, compression=compression, row_group_size=4096)
         data = sink.getvalue().to_pybytes()
         suffix = f"-{self._write_id}" if self.target.is_s3 else ""
@@ -311,9 +443,11 @@ class DatasetWriter:
             raise DatasetError(f"{self.target.uri}: no rows were written for split(s) {empty}")
         if "train" not in self._splits:
             raise DatasetError(f"{self.target.uri}: the dataset has no 'train' split")
+        self._settle_sizes()
         mean = self._sum / max(self._pixels, 1)
         std = np.sqrt(np.maximum(self._sumsq / max(self._pixels, 1) - mean**2, 1e-12))
         manifest = Manifest(
+            schema_version=self.image.format_version,
             name=self.name,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             source=self.source,
@@ -324,8 +458,9 @@ class DatasetWriter:
                 mean=[round(float(m), 6) for m in mean], std=[round(float(s), 6) for s in std]
             ),
             digest=dataset_digest(self._splits),
+            imported=self.imported,
         )
-        blob = manifest.model_dump_json(indent=2).encode()
+        blob = manifest.model_dump_json(indent=2, exclude_none=True).encode()
         st.write_bytes_atomic(self.root.join(MANIFEST), blob)  # the commit marker, last
         if self.target.is_s3:
             self._delete_replaced_shards(manifest)
@@ -333,6 +468,21 @@ class DatasetWriter:
             self._swap_into_place()
         self.manifest = manifest
         return manifest
+
+    def _settle_sizes(self) -> None:
+        """Mixed-size datasets get per-split size statistics; one whose images all turned out the
+        same size is recorded as fixed-size, so the fixed-size paths can use it."""
+        sizes = {
+            (h, w)
+            for split in self._heights
+            for h, w in zip(self._heights[split], self._widths[split], strict=True)
+        }
+        if len(sizes) == 1:
+            (h, w) = sizes.pop()
+            self.image = self.image.model_copy(update={"height": h, "width": w})
+            return
+        for split, heights in self._heights.items():
+            self._splits[split].sizes = SizeStats.of(heights.tolist(), self._widths[split].tolist())
 
     def _swap_into_place(self) -> None:
         final = Path(self.target.path)
@@ -342,6 +492,8 @@ class DatasetWriter:
                 raise DatasetError(
                     f"{final}: exists and is not empty; pass --overwrite or choose another --out"
                 )
+            if self._replaced is not None:  # checked again: nothing else may have arrived
+                _check_only_pipeline_files(final, self._replaced)
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
         os.replace(self.root.path, final)
@@ -355,6 +507,7 @@ class DatasetWriter:
         for info in self._replaced.splits.values():
             for shard in info.shards:
                 if shard.path not in keep:
+                    check_shard_path(shard.path.partition("/")[0], shard.path)  # never outside
                     _delete_quietly(self.root.join(shard.path))
 
     def abort(self) -> None:
@@ -382,6 +535,31 @@ class DatasetWriter:
                 raise
         elif exc_type is not None:
             self.abort()
+
+
+def _non_empty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _check_only_pipeline_files(root: Path, manifest: Manifest) -> None:
+    """Refuse to replace a local dataset directory that holds files the pipeline did not write:
+    the swap deletes the old directory as a whole."""
+    ours = {MANIFEST} | {s.path for info in manifest.splits.values() for s in info.shards}
+    foreign = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if rel not in ours and not _LEFTOVER_TMP.search(name):
+                foreign.append(rel)
+    if foreign:
+        raise DatasetError(
+            f"{root}: holds files the pipeline did not write ({', '.join(sorted(foreign)[:5])}); "
+            "--overwrite replaces only a dataset's own files: move them away or choose another "
+            "--out"
+        )
+
+
+_LEFTOVER_TMP = re.compile(r"\.tmp-[0-9a-f]{8}$")  # an interrupted write_bytes_atomic
 
 
 def _delete_quietly(loc: st.Location, directory: bool = False) -> None:
@@ -417,9 +595,11 @@ def read_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest:
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{loc.uri}: not valid JSON ({exc}); re-create the dataset") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise DatasetError(
-            f"{loc.uri}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
+            f"{loc.uri}: schema_version {version!r} is not supported (this pipeline reads "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade the pipeline or re-create the "
+            "dataset"
         )
     try:
         return Manifest.model_validate(data)

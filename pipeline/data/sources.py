@@ -1,21 +1,35 @@
-"""Sources that become datasets: scikit-learn's bundled digits, an image folder, a NumPy file.
+"""Sources that become datasets: scikit-learn's bundled digits, an image folder (local or S3), a
+CSV/JSONL listing of images, a NumPy file.
 
 Each source assigns rows to splits (stratified and seeded unless the source is already split),
 shuffles within each split so every shard mixes classes, and streams rows into a `DatasetWriter`.
-Only file paths and labels are held in memory; pixels are read one image at a time.
+Only file paths and labels are held in memory; image files are read, checked and encoded on every
+core by `pipeline.data.photos`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pyarrow.fs as pafs
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline import storage as st
 from pipeline.config import StorageConfig
+from pipeline.data.photos import (
+    ImageFile,
+    ImportOptions,
+    first_image_size,
+    read_source,
+    write_image_files,
+)
 from pipeline.data.shards import DatasetWriter, ImageSpec, Manifest
 from pipeline.errors import DatasetError
 
@@ -32,7 +46,7 @@ class WriteOptions:
     shard_rows: int | None = None
     shard_mb: float = 64.0
     overwrite: bool = False
-    encoding: str = "raw"  # "raw" for small images, "png" for large ones
+    encoding: str = "raw"  # "raw" for small images, "png" for large ones, "jpeg" for photos
     progress: bool = False
 
 
@@ -79,7 +93,10 @@ def _write_rows(
     total: int,
 ) -> Manifest:
     if opts.encoding not in ("raw", "png"):
-        raise DatasetError(f"encoding must be 'raw' or 'png', got {opts.encoding!r}")
+        raise DatasetError(
+            f"encoding must be 'raw' or 'png' for {name} (jpeg keeps JPEG files as given: image "
+            f"folders and listings), got {opts.encoding!r}"
+        )
     writer = DatasetWriter(
         opts.out,
         name=name,
@@ -138,7 +155,7 @@ def prepare_digits(
 
 
 # ---------------------------------------------------------------------------------------------
-# Image folder: SRC/<class>/*.png, or SRC/<split>/<class>/*.png
+# Image files: a folder tree SRC/<class>/* or SRC/<split>/<class>/* (local or s3://), or a listing
 
 
 def _list_dir(path: Path) -> list[Path]:
@@ -152,37 +169,176 @@ def _list_dir(path: Path) -> list[Path]:
         raise DatasetError(f"{path}: source folder does not exist") from None
 
 
-def _scan_classes(root: Path) -> dict[str, list[Path]]:
-    classes: dict[str, list[Path]] = {}
-    for sub in _list_dir(root):
-        if sub.is_dir() and not sub.name.startswith("."):
-            files = []
-            for dirpath, dirnames, filenames in os.walk(sub, onerror=_raise_walk_error):
-                dirnames.sort()
-                files += [
-                    Path(dirpath, f)
-                    for f in sorted(filenames)
-                    if Path(f).suffix.lower() in IMAGE_SUFFIXES
-                ]
-            classes[sub.name] = files
-    return classes
-
-
 def _raise_walk_error(err: OSError) -> None:
     raise DatasetError(f"{err.filename}: cannot read ({err.strerror}); check permissions") from None
 
 
-def _load_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _is_image(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
+
+def _local_tree(root: Path) -> tuple[list[str], list[str]]:
+    """(image files, directories) under root, as sorted relative POSIX paths."""
+    _list_dir(root)  # the clear errors for a missing or unreadable root
+    files, dirs = [], []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        dirs += [prefix + d for d in dirnames]
+        files += [prefix + f for f in sorted(filenames) if _is_image(f)]
+    return sorted(files), sorted(dirs)
+
+
+def _s3_tree(root: st.Location, storage: StorageConfig | None) -> tuple[list[str], list[str]]:
+    st.check_bucket(root.uri, storage)
     try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: not a decodable image ({exc})") from None
+        infos = root.fs.get_file_info(
+            pafs.FileSelector(root.path, recursive=True, allow_not_found=True)
+        )
+    except OSError as exc:
+        raise DatasetError(f"{root.uri}: cannot list the prefix ({exc})") from None
+    if not infos:
+        raise DatasetError(f"{root.uri}: no objects under this prefix")
+    files, dirs = [], []
+    for info in infos:
+        rel = info.path[len(root.path) :].strip("/")
+        if any(part.startswith(".") for part in rel.split("/")[:-1]):
+            continue
+        if info.type == pafs.FileType.Directory:
+            dirs.append(rel)
+        elif _is_image(rel):
+            files.append(rel)
+            parent = rel.rpartition("/")[0]
+            while parent:  # S3 has no directories: every prefix of a key is one
+                dirs.append(parent)
+                parent = parent.rpartition("/")[0]
+    return sorted(files), sorted(set(dirs))
+
+
+def _classes_in(files: list[str], dirs: list[str], base: str, where: str) -> dict[str, list[str]]:
+    """{class: files} for the class folders directly under `base` ("" or "<split>/")."""
+    classes = {d[len(base) :]: [] for d in dirs if d.startswith(base) and "/" not in d[len(base) :]}
+    for f in files:
+        if f.startswith(base):
+            cls, sep, _ = f[len(base) :].partition("/")
+            if sep and cls in classes:
+                classes[cls].append(f)
+    empty = [c for c, fs in classes.items() if not fs]
+    if empty:
+        raise DatasetError(
+            f"{where}/{base}{empty[0]}: class folder has no .png/.jpg/.jpeg images (empty class "
+            f"folders: {', '.join(empty)}); add images or remove the folder"
+        )
+    return classes
+
+
+def _folder_rows(
+    src: str, storage: StorageConfig | None
+) -> tuple[list[ImageFile], list[str], list[str], list[str | None]]:
+    """(files, their class names, the classes, the given split per file or None)."""
+    if st.is_s3(src):
+        root = st.resolve(src, storage)
+        files, dirs = _s3_tree(root, storage)
+        where = root.uri
+
+        def source(rel: str) -> str:
+            return st.join_uri(root.uri, rel)
+    else:
+        local = Path(src)
+        files, dirs = _local_tree(local)
+        where = str(local)
+
+        def source(rel: str) -> str:
+            return str(local / rel)
+
+    top = {d for d in dirs if "/" not in d}
+    presplit = "train" in top
+    bases = [f"{s}/" for s in SPLITS if s in top] if presplit else [""]
+    out: list[ImageFile] = []
+    names: list[str] = []
+    given: list[str | None] = []
+    for base in bases:
+        for cls, paths in _classes_in(files, dirs, base, where).items():
+            out += [ImageFile(source(p), p) for p in paths]
+            names += [cls] * len(paths)
+            given += [base.rstrip("/") or None] * len(paths)
+    if not names:
+        raise DatasetError(
+            f"{where}: no class subfolders with images found; expected SRC/<class>/<image>.jpg "
+            "(or SRC/train/<class>/...)"
+        )
+    classes = sorted(set(names))
+    return out, names, classes, given
+
+
+def _check_encoding(opts: WriteOptions) -> None:
+    if opts.encoding not in ("raw", "png", "jpeg"):
+        raise DatasetError(f"encoding must be 'raw', 'png' or 'jpeg', got {opts.encoding!r}")
+
+
+def _import_files(
+    opts: WriteOptions,
+    images: ImportOptions,
+    *,
+    name: str,
+    source: str,
+    files: list[ImageFile],
+    names: list[str],
+    given: list[str | None],
+    size: tuple[int, int] | None,
+    grayscale: bool,
+    split: tuple[float, float, int],
+) -> Manifest:
+    _check_encoding(opts)
+    classes = sorted(set(names))
+    labels = np.asarray([classes.index(n) for n in names], dtype=np.int64)
+    val_fraction, test_fraction, seed = split
+    if any(g is not None for g in given):
+        assignment = np.asarray([g or "train" for g in given], dtype=object)
+    else:
+        assignment = stratified_split(labels, val_fraction, test_fraction, seed)
+    channels = 1 if grayscale else 3
+    if size is not None:
+        height, width = size
+    elif opts.encoding == "jpeg":
+        height = width = None  # mixed sizes
+    else:
+        height, width = _first_size(files, opts.storage, images.skip_bad)
+    writer = DatasetWriter(
+        opts.out,
+        name=name,
+        classes=classes,
+        image=ImageSpec(encoding=opts.encoding, height=height, width=width, channels=channels),
+        source=source,
+        storage=opts.storage,
+        shard_rows=opts.shard_rows,
+        shard_mb=opts.shard_mb,
+        overwrite=opts.overwrite,
+    )
+    items = [(assignment[i], files[i], int(labels[i])) for i in _ordered(assignment, seed)]
+    with _progress(opts.progress) as bar:
+        task = bar.add_task(f"importing {name} ({images.pool_size()} processes)", total=len(items))
+        return write_image_files(
+            writer,
+            items,
+            images,
+            resize=size is not None,
+            progress=lambda n: bar.advance(task, n),
+        )
+
+
+def _first_size(
+    files: list[ImageFile], storage: StorageConfig | None, skip_bad: bool
+) -> tuple[int, int]:
+    """The fixed size of a png/raw dataset: the first (readable, with skip_bad) file's."""
+    for f in files:
+        try:
+            return first_image_size(f, storage)
+        except DatasetError:
+            if not skip_bad or f is files[-1]:
+                raise
+    raise AssertionError("unreachable: files is never empty here")
 
 
 def import_image_folder(
@@ -194,66 +350,128 @@ def import_image_folder(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
+    images: ImportOptions | None = None,
 ) -> Manifest:
-    """Import a class-per-subfolder tree of PNG/JPEG files of any size.
+    """Import a class-per-subfolder tree of PNG/JPEG files (a local folder or an s3:// prefix),
+    on every core (`images.workers`).
 
-    Without `size`, every image must have the first image's size. If SRC holds train/ (and val/,
-    test/) folders, those are the splits; otherwise a stratified split is drawn.
+    With `encoding="jpeg"` JPEGs are stored as given and sizes may differ; with png/raw every image
+    must have the first image's size unless `size` resizes them all. If SRC holds train/ (and
+    val/, test/) folders, those are the splits; otherwise a stratified split is drawn. An empty
+    class folder is refused.
     """
-    root = Path(src)
-    entries = {p.name for p in _list_dir(root)}
-    presplit = "train" in entries and (root / "train").is_dir()
-    files: list[Path] = []
-    labels: list[int] = []
-    given: list[str] = []
-    if presplit:
-        per_split = {s: _scan_classes(root / s) for s in SPLITS if (root / s).is_dir()}
-        classes = sorted(set().union(*(c.keys() for c in per_split.values())))
-        for split, by_class in per_split.items():
-            for cls, paths in by_class.items():
-                files += paths
-                labels += [classes.index(cls)] * len(paths)
-                given += [split] * len(paths)
-    else:
-        by_class = _scan_classes(root)
-        classes = sorted(by_class)
-        for cls in classes:
-            files += by_class[cls]
-            labels += [classes.index(cls)] * len(by_class[cls])
-    if not classes:
-        raise DatasetError(f"{root}: no class subfolders found; expected SRC/<class>/<image>.png")
-    if not files:
-        raise DatasetError(f"{root}: no .png/.jpg/.jpeg files found under the class folders")
-    label_arr = np.asarray(labels, dtype=np.int64)
-    assignment = (
-        np.asarray(given, dtype=object)
-        if presplit
-        else stratified_split(label_arr, val_fraction, test_fraction, seed)
-    )
-    mode = "L" if grayscale else "RGB"
-    first = _load_image(files[0], mode, size)
-    height, width = first.shape[:2]
-
-    def rows() -> Iterator[tuple[str, np.ndarray, int, str]]:
-        for i in _ordered(assignment, seed):
-            pixels = _load_image(files[i], mode, size)
-            if pixels.shape[:2] != (height, width):
-                raise DatasetError(
-                    f"{files[i]}: image is {pixels.shape[0]}x{pixels.shape[1]}, the first was "
-                    f"{height}x{width}; pass --size HxW to resize every image"
-                )
-            yield assignment[i], pixels, int(label_arr[i]), str(files[i].relative_to(root))
-
-    return _write_rows(
+    files, names, _, given = _folder_rows(str(src), opts.storage)
+    root = str(src).rstrip("/")
+    name = root.rsplit("/", 1)[-1] if st.is_s3(root) else Path(root).resolve().name
+    shown = root if st.is_s3(root) else str(Path(root).resolve())
+    return _import_files(
         opts,
-        name=root.resolve().name,
-        classes=classes,
-        image=ImageSpec(
-            encoding=opts.encoding, height=height, width=width, channels=1 if grayscale else 3
-        ),
-        source=f"image-folder {root.resolve()} (seed={seed})",
-        rows=rows(),
-        total=len(files),
+        images or ImportOptions(),
+        name=name,
+        source=f"image-folder {shown} (seed={seed})",
+        files=files,
+        names=names,
+        given=given,
+        size=size,
+        grayscale=grayscale,
+        split=(val_fraction, test_fraction, seed),
+    )
+
+
+def _listing_records(listing: str, text: str) -> Iterator[tuple[int, dict]]:
+    if listing.lower().endswith((".jsonl", ".ndjson")):
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DatasetError(f"{listing} line {n}: not valid JSON ({exc})") from None
+                if not isinstance(record, dict):
+                    raise DatasetError(f"{listing} line {n}: expected an object with path, label")
+                yield n, record
+    elif listing.lower().endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise DatasetError(
+                f"{listing}: the first line must be a header with path and label columns "
+                f"(and optionally split); got {reader.fieldnames}"
+            )
+        for record in reader:
+            yield reader.line_num, record
+    else:
+        raise DatasetError(f"{listing}: a listing must be .csv or .jsonl (path,label[,split])")
+
+
+def _label(listing: str, n: int, value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise DatasetError(
+            f"{listing} line {n}: bad label {value!r}; a label is a non-empty class name "
+            "(or an integer)"
+        )
+    return str(value).strip()
+
+
+def import_listing(
+    listing: str | Path,
+    opts: WriteOptions,
+    *,
+    size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    images: ImportOptions | None = None,
+) -> Manifest:
+    """Import the images a CSV (`path,label[,split]` header) or JSONL (`{"path", "label"[,
+    "split"]}` per line) listing names. Paths are local, s3:// or relative to the listing; the
+    classes are the sorted distinct labels; a `split` column, when given, decides the splits."""
+    listing = str(listing)
+    try:
+        text = read_source(listing, opts.storage).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"{listing}: listing file not found") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{listing}: not UTF-8 text") from None
+    if st.is_s3(listing):
+        base = listing.rsplit("/", 1)[0]
+
+        def source(p: str) -> str:
+            return p if st.is_s3(p) else st.join_uri(base, p)
+    else:
+        base_dir = Path(listing).resolve().parent
+
+        def source(p: str) -> str:
+            return p if st.is_s3(p) else str(base_dir / p)
+
+    files: list[ImageFile] = []
+    names: list[str] = []
+    given: list[str | None] = []
+    for n, record in _listing_records(listing, text):
+        path = record.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise DatasetError(f"{listing} line {n}: missing path")
+        names.append(_label(listing, n, record.get("label")))
+        split = record.get("split") or None
+        if split is not None and split not in SPLITS:
+            raise DatasetError(f"{listing} line {n}: split {split!r} is not one of {SPLITS}")
+        given.append(split)
+        files.append(ImageFile(source(path.strip()), path.strip(), f"{listing} line {n}"))
+    if not files:
+        raise DatasetError(f"{listing}: lists no images")
+    if any(g is None for g in given) and any(g is not None for g in given):
+        raise DatasetError(f"{listing}: give a split for every row or for none")
+    name = PurePosixPath(listing.replace("\\", "/")).stem
+    return _import_files(
+        opts,
+        images or ImportOptions(),
+        name=name,
+        source=f"listing {listing if st.is_s3(listing) else Path(listing).resolve()} (seed={seed})",
+        files=files,
+        names=names,
+        given=given,
+        size=size,
+        grayscale=grayscale,
+        split=(val_fraction, test_fraction, seed),
     )
 
 

@@ -10,6 +10,10 @@ Augmentation is per sample but vectorised over the batch: a padded random crop (
 up to `padding` pixels, one gather), or with rotation / scale a random affine map (torchvision's
 RandomAffine: rotation, zoom and the same integer shift, sampled bilinearly in one `grid_sample`),
 and optional flips (torchvision's v2 functional ops).
+
+Photographs (`data.crop`) take the other path: Ray Data hands the worker fixed-size uint8 NHWC
+crops (`pipeline.data.ingest.DecodeCrop`), and the worker, on its device, optionally applies
+`auto_augment` (still uint8), then `to_float_normalized`, then MixUp/CutMix.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline import storage as st
-from pipeline.config import AugmentConfig, StorageConfig
+from pipeline.config import AugmentConfig, CropConfig, StorageConfig
+from pipeline.data.ingest import DecodeCrop
 from pipeline.data.shards import ImageSpec, Manifest, Normalization, decode_images, read_shard
 
 
@@ -162,15 +167,67 @@ def iter_split(
     storage: StorageConfig | None = None,
     resize: tuple[int, int] | None = None,
     normalization: Normalization | None = None,
+    crop: CropConfig | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches of a whole split in one process (no Ray): the test split, `evaluate`
-    and the promotion gate. `normalization`: a model's own (default: the manifest's)."""
+    and the promotion gate. `normalization`: a model's own (default: the manifest's). With
+    `crop`, the evaluation centre crop (`DecodeCrop`, train=False) then `to_float_normalized`:
+    the same pixels the validation split gets through Ray Data."""
     norm = normalization or manifest.normalization
-    transform = BatchTransform(manifest.image, norm, None, resize=resize)
+    if crop is not None:
+        decode = DecodeCrop(manifest.image.channels, crop, train=False)
+    else:
+        transform = BatchTransform(manifest.image, norm, None, resize=resize)
     root = st.resolve(uri, storage)
     for shard in manifest.split(split).shards:
         table = read_shard(root.join(shard.path))
         for batch in table.to_batches(max_chunksize=batch_size):
             labels = batch.column("label").to_numpy()
-            out = transform({"image": batch.column("image").to_pylist(), "label": labels})
-            yield torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
+            rows = {"image": batch.column("image").to_pylist(), "label": labels}
+            if crop is not None:
+                pixels = torch.from_numpy(decode(rows)["image"])
+                x = to_float_normalized(pixels, norm, channels_last=False)
+                yield x, torch.from_numpy(labels.astype(np.int64))
+            else:
+                out = transform(rows)
+                yield torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Photographs, in the worker on its device
+
+
+def to_float_normalized(
+    x: torch.Tensor, normalization: Normalization, *, channels_last: bool = True
+) -> torch.Tensor:
+    """uint8 NHWC batch (already on the worker's device) -> normalised float32 NCHW.
+
+    One fused multiply-add per element: x * 1/(255 std) - mean/std. The NCHW view of NHWC memory
+    is channels-last already, and the arithmetic keeps those strides; `channels_last=False`
+    returns a contiguous NCHW tensor instead.
+    """
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError(f"expected a uint8 NHWC batch, got {x.dtype} of shape {tuple(x.shape)}")
+    std = torch.tensor(normalization.std, dtype=torch.float32, device=x.device)
+    mean = torch.tensor(normalization.mean, dtype=torch.float32, device=x.device)
+    if std.numel() != x.shape[-1]:
+        raise ValueError(f"normalisation has {std.numel()} channel(s), images {x.shape[-1]}")
+    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+    shift = (-mean / std).view(1, -1, 1, 1)
+    y = torch.addcmul(shift, x.permute(0, 3, 1, 2).float(), scale)
+    return y if channels_last else y.contiguous()
+
+
+def auto_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
+    """TrivialAugmentWide or RandAugment (torchvision's defaults) on a uint8 NHWC batch, one
+    draw per image (the v2 transforms draw once per call, so they are called per image)."""
+    from torchvision.transforms import v2
+
+    if policy == "none":
+        return x
+    ops = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}
+    if policy not in ops:
+        raise ValueError(f"unknown auto_augment policy {policy!r}; choose {sorted(ops)} or none")
+    op = ops[policy]()
+    chw = x.permute(0, 3, 1, 2)
+    return torch.stack([op(img) for img in chw]).permute(0, 2, 3, 1)

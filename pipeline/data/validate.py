@@ -25,6 +25,7 @@ from pipeline.data.shards import (
     ShardInfo,
     dataset_digest,
     decode_images,
+    decode_one,
     read_manifest,
 )
 from pipeline.errors import DatasetError
@@ -85,10 +86,22 @@ def _check_shard(loc: st.Location, shard: ShardInfo, manifest: Manifest) -> list
         )
     blobs = table.column("image").to_pylist()
     try:
-        decode_images(blobs, manifest.image)
+        if manifest.image.fixed_size:
+            decode_images(blobs, manifest.image)
+        else:
+            for i, blob in enumerate(blobs):  # one at a time: memory stays one image
+                decode_one(blob, manifest.image, i)
     except ValueError as exc:
-        problems.append(f"{loc.uri}: undecodable image: {exc}")
+        ids = table.column("id").to_pylist()
+        row = _row_of(str(exc))
+        named = f" (id {ids[row]!r})" if row is not None and row < len(ids) else ""
+        problems.append(f"{loc.uri}: undecodable image{named}: {exc}")
     return problems
+
+
+def _row_of(message: str) -> int | None:
+    head = message.split(":", 1)[0]
+    return int(head[4:]) if head.startswith("row ") and head[4:].isdigit() else None
 
 
 def check_shards_present(
@@ -133,6 +146,12 @@ def ensure_dataset(cfg: PipelineConfig) -> Manifest:
     check_shards_present(uri, manifest, cfg.storage)
     for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
         manifest.split(split)  # raises naming the missing split
+    if not manifest.image.fixed_size and cfg.data.crop is None:
+        raise DatasetError(
+            f"{uri}: the images have mixed sizes ({manifest.image.describe()}); set data.crop "
+            "(for example `--set data.crop.size=224`) to train on random resized crops and "
+            "evaluate on centre crops"
+        )
     return manifest
 
 

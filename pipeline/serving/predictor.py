@@ -114,10 +114,11 @@ def _from_array(pixels: np.ndarray, image: ImageSpec) -> np.ndarray:
 
 
 def _from_pil(img: Any, image: ImageSpec) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    # The dataset import's steps (sources._load_image): convert the mode, then bilinear resize.
-    img = img.convert("L" if image.channels == 1 else "RGB")
+    # The dataset import's steps (pipeline.data.imaging.prepare): apply the EXIF orientation,
+    # convert the mode, then bilinear resize.
+    img = ImageOps.exif_transpose(img).convert("L" if image.channels == 1 else "RGB")
     if img.size != (image.width, image.height):
         img = img.resize((image.width, image.height), Image.Resampling.BILINEAR)
     return np.asarray(img).reshape(image.height, image.width, image.channels)
