@@ -71,6 +71,15 @@ class TrialUpdate:
     line: str | None = None
 
 
+@dataclass(frozen=True)
+class WriteProgress:
+    """A dataset being written: `done` of `total` rows (or files) so far."""
+
+    description: str
+    done: int
+    total: int
+
+
 def event_from_message(msg: dict[str, Any]) -> Any:
     """A progress-queue message (a dict rank 0 puts) as its event; None for an unknown kind."""
     kind = msg.get("kind")

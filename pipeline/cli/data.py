@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +21,7 @@ OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing dataset at
 SeedOpt = Annotated[int, typer.Option(help="Seed for the split and the shard order.")]
 
 
-def _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding):
+def _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding, bar=None):
     from pipeline.data.sources import WriteOptions
 
     return WriteOptions(
@@ -32,7 +31,7 @@ def _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encod
         shard_mb=shard_mb,
         overwrite=overwrite,
         encoding=encoding,
-        progress=sys.stderr.isatty(),
+        on_progress=bar,
     )
 
 
@@ -40,6 +39,32 @@ def _print_written(manifest, uri: str) -> None:
     counts = ", ".join(f"{s} {i.rows}" for s, i in manifest.splits.items())
     shards = sum(len(i.shards) for i in manifest.splits.values())
     display.plain(f"wrote {uri}: {counts} rows in {shards} shard(s); digest {manifest.digest[:12]}")
+    imported = manifest.imported
+    if imported is not None and imported.reencoded:
+        display.plain(f"  re-encoded {imported.reencoded} image(s) (CMYK, rotation or --max-side)")
+    if imported is not None and imported.skipped:
+        display.note(
+            f"warning: skipped {imported.skipped} unreadable file(s) (--skip-bad): "
+            + "; ".join(imported.skipped_examples),
+            "yellow",
+        )
+
+
+WorkersOpt = Annotated[
+    int | None, typer.Option(min=1, help="Processes decoding images; default: every core.")
+]
+SkipBadOpt = Annotated[
+    bool,
+    typer.Option("--skip-bad", help="Leave unreadable images out (counted) instead of failing."),
+]
+MaxSideOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="jpeg: re-encode images whose longer side is larger, to this side."),
+]
+QualityOpt = Annotated[int, typer.Option(min=1, max=100, help="JPEG quality of re-encoded images.")]
+EncodingOpt = Annotated[
+    str, typer.Option(help="jpeg (as given, mixed sizes: photographs), png (default) or raw.")
+]
 
 
 @data_app.command("prepare")
@@ -61,10 +86,11 @@ def data_prepare(
 
     if source != "digits":
         raise UsageError(f"unknown bundled dataset {source!r}; available: digits")
-    opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding)
-    manifest = prepare_digits(
-        opts, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
-    )
+    with display.WriteProgressBar() as bar:
+        opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding, bar)
+        manifest = prepare_digits(
+            opts, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
     _print_written(manifest, out_uri)
 
 
@@ -83,32 +109,89 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
 @import_app.command("image-folder")
 @friendly_errors
 def import_image_folder(
-    src: Annotated[Path, typer.Argument(help="SRC/<class>/*.png|jpg (or SRC/train/<class>/...).")],
+    src: Annotated[
+        str,
+        typer.Argument(help="SRC/<class>/*.jpg|png (or SRC/train/<class>/...); local or s3://."),
+    ],
     out_uri: OutOpt,
     size: Annotated[str | None, typer.Option(help="Resize every image to HxW.")] = None,
     grayscale: Annotated[bool, typer.Option(help="Store one channel instead of RGB.")] = False,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: SeedOpt = 0,
-    encoding: Annotated[str, typer.Option(help="png (default) or raw.")] = "png",
+    encoding: EncodingOpt = "png",
+    workers: WorkersOpt = None,
+    skip_bad: SkipBadOpt = False,
+    max_side: MaxSideOpt = None,
+    quality: QualityOpt = 90,
     shard_rows: ShardRowsOpt = None,
     shard_mb: ShardMbOpt = 64.0,
     overwrite: OverwriteOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Import a class-per-subfolder tree of images, streaming (memory stays bounded)."""
+    """Import a class-per-subfolder tree of images on every core (memory stays bounded)."""
+    from pipeline.data.photos import ImportOptions
     from pipeline.data.sources import import_image_folder as run
 
-    opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding)
-    manifest = run(
-        src,
-        opts,
-        size=_parse_size(size),
-        grayscale=grayscale,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
-    )
+    images = ImportOptions(workers=workers, skip_bad=skip_bad, max_side=max_side, quality=quality)
+    with display.WriteProgressBar() as bar:
+        opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding, bar)
+        manifest = run(
+            src,
+            opts,
+            size=_parse_size(size),
+            grayscale=grayscale,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            images=images,
+        )
+    _print_written(manifest, out_uri)
+
+
+@import_app.command("listing")
+@friendly_errors
+def import_listing(
+    listing: Annotated[
+        str,
+        typer.Argument(
+            help="CSV with a path,label[,split] header, or JSONL of {path, label[, split]}; "
+            "paths local, s3:// or relative to the listing."
+        ),
+    ],
+    out_uri: OutOpt,
+    size: Annotated[str | None, typer.Option(help="Resize every image to HxW.")] = None,
+    grayscale: Annotated[bool, typer.Option(help="Store one channel instead of RGB.")] = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: SeedOpt = 0,
+    encoding: EncodingOpt = "png",
+    workers: WorkersOpt = None,
+    skip_bad: SkipBadOpt = False,
+    max_side: MaxSideOpt = None,
+    quality: QualityOpt = 90,
+    shard_rows: ShardRowsOpt = None,
+    shard_mb: ShardMbOpt = 64.0,
+    overwrite: OverwriteOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Import the images a CSV or JSONL listing names, with their labels."""
+    from pipeline.data.photos import ImportOptions
+    from pipeline.data.sources import import_listing as run
+
+    images = ImportOptions(workers=workers, skip_bad=skip_bad, max_side=max_side, quality=quality)
+    with display.WriteProgressBar() as bar:
+        opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding, bar)
+        manifest = run(
+            listing,
+            opts,
+            size=_parse_size(size),
+            grayscale=grayscale,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            images=images,
+        )
     _print_written(manifest, out_uri)
 
 
@@ -131,8 +214,11 @@ def import_numpy(
     """Import images and labels from a NumPy .npz file."""
     from pipeline.data.sources import import_numpy as run
 
-    opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding)
-    manifest = run(file, opts, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    with display.WriteProgressBar() as bar:
+        opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding, bar)
+        manifest = run(
+            file, opts, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
     _print_written(manifest, out_uri)
 
 

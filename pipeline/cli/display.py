@@ -16,7 +16,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.events import EpochEnd, EventSink, Phase, StepProgress, TrainingStarted, TrialUpdate
+from pipeline.events import (
+    EpochEnd,
+    EventSink,
+    Phase,
+    StepProgress,
+    TrainingStarted,
+    TrialUpdate,
+    WriteProgress,
+)
 from pipeline.storage import mask_credentials
 
 
@@ -196,6 +204,49 @@ class SearchDisplay:
         self.live.stop()
 
 
+class WriteProgressBar:
+    """A transient bar for `WriteProgress` events (dataset writes and imports); draws only on a
+    terminal, so logs and CI output stay clean."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or err
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __call__(self, event: Any) -> None:
+        if not isinstance(event, WriteProgress) or not self.console.is_terminal:
+            return
+        if self.progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.task = self.progress.add_task(event.description, total=event.total)
+            self.progress.start()
+        self.progress.update(
+            self.task, description=event.description, completed=event.done, total=event.total
+        )
+
+    def __enter__(self) -> WriteProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
 def no_display(_event: Any) -> None:
     """An `EventSink` that draws nothing (scripts, `--json`)."""
 
@@ -210,10 +261,18 @@ __all__ = ["EventSink"]  # re-exported for the command modules' annotations
 def print_manifest(m: Any, uri: str) -> None:
     out.print(f"[bold]{escape(m.name)}[/]  {escape(uri)}")
     out.print(f"created {m.created_at}  source: {escape(str(m.source))}", highlight=False)
-    c, h, w = m.image.shape
     out.print(
-        f"images {c}x{h}x{w} ({m.image.encoding}), {m.num_classes} classes, digest {m.digest}"
+        f"images {m.image.describe()}, {m.num_classes} classes, digest {m.digest}",
+        highlight=False,
     )
+    for split, info in m.splits.items():
+        if info.sizes is not None:
+            z = info.sizes
+            out.print(
+                f"  {split}: heights {z.min_height}-{z.max_height} (median {z.median_height}), "
+                f"widths {z.min_width}-{z.max_width} (median {z.median_width})",
+                highlight=False,
+            )
     out.print(f"normalisation mean {m.normalization.mean} std {m.normalization.std}")
     counts = Table("class", *m.splits.keys(), title="rows per split and class")
     for k, name in enumerate(m.classes):

@@ -13,13 +13,13 @@ import csv
 import io
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.fs as pafs
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
@@ -32,6 +32,7 @@ from pipeline.data.photos import (
 )
 from pipeline.data.shards import DatasetWriter, ImageSpec, Manifest
 from pipeline.errors import DatasetError
+from pipeline.events import EventSink, WriteProgress
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -47,7 +48,7 @@ class WriteOptions:
     shard_mb: float = 64.0
     overwrite: bool = False
     encoding: str = "raw"  # "raw" for small images, "png" for large ones, "jpeg" for photos
-    progress: bool = False
+    on_progress: EventSink | None = None  # gets WriteProgress events (the CLI draws a bar)
 
 
 def stratified_split(
@@ -71,15 +72,23 @@ def stratified_split(
     return assignment
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=True,
-    )
+class _Progress:
+    """WriteProgress events for `opts.on_progress`, at most ten a second and always the last."""
+
+    def __init__(self, sink: EventSink | None, description: str, total: int) -> None:
+        self.sink, self.description, self.total = sink, description, total
+        self.done, self._sent_at = 0, 0.0
+        self._send()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.done >= self.total or time.monotonic() - self._sent_at >= 0.1:
+            self._send()
+
+    def _send(self) -> None:
+        if self.sink is not None:
+            self._sent_at = time.monotonic()
+            self.sink(WriteProgress(self.description, self.done, self.total))
 
 
 def _write_rows(
@@ -108,11 +117,11 @@ def _write_rows(
         shard_mb=opts.shard_mb,
         overwrite=opts.overwrite,
     )
-    with writer, _progress(opts.progress) as bar:
-        task = bar.add_task(f"writing {name}", total=total)
+    with writer:
+        bar = _Progress(opts.on_progress, f"writing {name}", total)
         for split, pixels, label, row_id in rows:
             writer.add(split, pixels, label, row_id)
-            bar.advance(task)
+            bar.advance()
     assert writer.manifest is not None  # set by the commit on leaving the block
     return writer.manifest
 
@@ -317,15 +326,10 @@ def _import_files(
         overwrite=opts.overwrite,
     )
     items = [(assignment[i], files[i], int(labels[i])) for i in _ordered(assignment, seed)]
-    with _progress(opts.progress) as bar:
-        task = bar.add_task(f"importing {name} ({images.pool_size()} processes)", total=len(items))
-        return write_image_files(
-            writer,
-            items,
-            images,
-            resize=size is not None,
-            progress=lambda n: bar.advance(task, n),
-        )
+    bar = _Progress(
+        opts.on_progress, f"importing {name} ({images.pool_size()} processes)", len(items)
+    )
+    return write_image_files(writer, items, images, resize=size is not None, progress=bar.advance)
 
 
 def _first_size(
