@@ -177,9 +177,6 @@ class RunConfig(_Section):
     storage_path: str = "runs"  # checkpoints: local dir or s3://
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
-    # Testing fault tolerance on a real cluster: the last worker's process dies (os._exit) halfway
-    # through this epoch (0-based), once per run. Leave unset in production.
-    fail_at_epoch: int | None = Field(None, ge=0)
 
 
 class TrackingConfig(_Section):

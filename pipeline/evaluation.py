@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from pipeline.config import StorageConfig
-from pipeline.data.shards import read_manifest, read_shard
-from pipeline.data.transform import BatchTransform
+from pipeline.data.shards import read_manifest
+from pipeline.data.transform import iter_split
 from pipeline.errors import DatasetError
 from pipeline.model_package import input_resize, load_logged_model, preprocessing
-from pipeline.storage import resolve
-from pipeline.train.metrics import EpochMeter, per_class_accuracy
+from pipeline.train.loop import evaluate
+from pipeline.train.metrics import per_class_accuracy
 
 
 @torch.no_grad()
@@ -29,17 +29,17 @@ def evaluate_model(
         )
     if manifest.classes != meta["classes"]:
         raise DatasetError(f"{data_uri}: classes {manifest.classes} differ from the model's")
-    transform = BatchTransform(manifest.image, norm, augment=None, resize=input_resize(meta))
-    meter = EpochMeter(len(manifest.classes), confusion=True)
-    root = resolve(data_uri, storage)
-    for shard in manifest.split(split).shards:
-        for batch in read_shard(root.join(shard.path)).to_batches(max_chunksize=512):
-            labels = batch.column("label").to_numpy()
-            out = transform({"image": batch.column("image").to_pylist(), "label": labels})
-            x, y = torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
-            logits = model(x)
-            meter.update(logits, y, torch.nn.functional.cross_entropy(logits, y))
-    result = meter.reduce()
+    # The model's own normalisation, not the dataset's: it is what the model was trained with.
+    batches = iter_split(
+        data_uri,
+        manifest.model_copy(update={"normalization": norm}),
+        split,
+        storage=storage,
+        resize=input_resize(meta),
+    )
+    result = evaluate(
+        model, batches, len(manifest.classes), device=torch.device("cpu"), confusion=True
+    )
     confusion = result.pop("confusion")
     result["per_class_accuracy"] = dict(
         zip(manifest.classes, per_class_accuracy(confusion), strict=True)
