@@ -166,7 +166,7 @@ def train_loop_per_worker(loop_config: LoopConfig) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state.load_state_dict(read_checkpoint(d, device))
+            state.load_state_dict(read_checkpoint(d))
 
     tracker = _RankZeroTracker(cfg, state.mlflow_run_id) if rank == 0 else None
     callbacks = list(loop_config.callbacks)

@@ -57,7 +57,10 @@ class TrainState:
         unwrap_model(self.model).load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
+        # A checkpoint from a run without fp16 holds a disabled scaler's empty state; loading it
+        # into an enabled scaler raises. Its fresh scale is the right start.
+        if saved["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None and saved.get("ema"):
             self.ema.load_state_dict(saved["ema"])
         set_rng_state(saved["rng"], self.mixer)
@@ -71,8 +74,11 @@ class TrainState:
         return path
 
 
-def read_checkpoint(directory: str | Path, device: torch.device) -> dict[str, Any]:
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+def read_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents with every tensor on the CPU, whatever device wrote it: each
+    module moves its own tensors to its device as it loads them, and RNG states must stay CPU
+    tensors (`torch.set_rng_state` refuses a GPU one)."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def rng_state(mixer: BatchMixer) -> dict[str, Any]:
@@ -80,6 +86,8 @@ def rng_state(mixer: BatchMixer) -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        # Only when this process has used CUDA: asking an unused one would initialise it.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "python": random.getstate(),
         "mixer": mixer.generator.bit_generator.state,
@@ -87,7 +95,10 @@ def rng_state(mixer: BatchMixer) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], mixer: BatchMixer) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
