@@ -195,6 +195,14 @@ def _scaling_config(cfg: PipelineConfig):
     )
 
 
+def torch_config(cfg: PipelineConfig):
+    """The process group Ray Train sets up: backend (nccl for GPU workers, gloo for CPU ones,
+    unless scaling.backend says) and the collective timeout."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend=cfg.scaling.resolved_backend(), timeout_s=cfg.scaling.timeout_s)
+
+
 # ---------------------------------------------------------------------------------------------
 # MLflow run of a training run
 
@@ -396,6 +404,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=torch_config(cfg),
         scaling_config=_scaling_config(cfg),
         run_config=_run_config(cfg, run_name, callbacks),
         datasets=_datasets(cfg, dataset, cache),
