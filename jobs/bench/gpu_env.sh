@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# On the lent GPU machine: make the wheels from jobs/bench/gpu_wheels.sh (in .whl/) importable,
-# put the repository on PYTHONPATH, then run the given command. Where Ray and MLflow are already
-# installed (a developer's venv) it only sets PYTHONPATH.
+# On the lent GPU machine: unpack .whl/gpu-site.tar.xz (from jobs/bench/gpu_wheels.sh, carried
+# with the call), put it and the repository on PYTHONPATH, then run the given command. Where Ray
+# and MLflow are already installed (a developer's venv) it only sets PYTHONPATH.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SITE=${GPU_SITE:-/tmp/gpu-site}
-if ! python3 -c "import ray, mlflow" 2>/dev/null && [ -d "$REPO/.whl" ]; then
-  mkdir -p "$SITE"
-  if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" "$REPO"/.whl/*.whl
+if ! "${1:-python3}" -c "import ray, mlflow" 2>/dev/null; then
+  if [ ! -f "$REPO/.whl/gpu-site.tar.xz" ]; then
+    echo "error: Ray/MLflow missing and no .whl/gpu-site.tar.xz: run jobs/bench/gpu_wheels.sh" \
+      "(make gpu-wheels) where pip can download, and carry .whl along" >&2
+    exit 2
   fi
-  [ -f "$REPO/.whl/ray-site.tar.xz" ] && tar -C "$SITE" -xJf "$REPO/.whl/ray-site.tar.xz"
-  export PATH="$SITE/bin:$PATH"
+  mkdir -p "$SITE"
+  tar -C "$SITE" -xJf "$REPO/.whl/gpu-site.tar.xz"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Fetch, here, the wheels `make gpu-check` needs on the lent GPU machine, into .whl/ (ignored by
-# git; never commit wheels). That machine has Python 3.12, torch 2.11 and the packages listed in
-# DEVICE_PACKAGES below, but no Ray or MLflow, and it cannot download anything.
+# Fetch, here, what `make gpu-check` needs on the lent GPU machine, as one archive
+# .whl/gpu-site.tar.xz (.whl/ is ignored by git; never commit wheels). That machine has Python
+# 3.12, torch 2.11 and the packages listed in DEVICE_PACKAGES below, but no Ray or MLflow, and it
+# cannot download anything.
 #
-# Ray's cp312 wheel (79 MB) is over the 64 MiB a call may carry: it is unpacked without ray/jars
-# (Java) and ray/rllib and packed as .whl/ray-site.tar.xz (~32 MB). Every other wheel is kept as
-# is; what Ray and MLflow require is followed (Requires-Dist, extras skipped) and fetched unless
-# the device has it. jobs/bench/gpu_env.sh unpacks all of it there.
+# Ray, MLflow and what they require (Requires-Dist followed, extras skipped, versions from
+# constraints.txt where pinned) are downloaded for cp312 unless the device has them, unpacked
+# into one site folder without Ray's Java jars and RLlib and MLflow's web UI (the check needs
+# none), and packed with xz: about 50 MB, under the 64 MiB a call may carry (Ray's wheel alone is
+# 79 MB). jobs/bench/gpu_env.sh unpacks it there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 DEST=.whl
 mkdir -p "$DEST"
-"$PY" - "$DEST" <<'PYEOF'
+WHEELS=$(mktemp -d)
+trap 'rm -rf "$WHEELS"' EXIT
+"$PY" - "$WHEELS" <<'PYEOF'
 import re, subprocess, sys, zipfile
 from pathlib import Path
 
@@ -48,8 +52,10 @@ env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform"
        "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
 platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)]
 platforms += ["--platform=manylinux2014_x86_64", "--platform=manylinux1_x86_64"]
+# boto3 is left out: the check keeps data and checkpoints on local disk.
 wanted = ["ray==2.60.0", "mlflow==3.17.2", "mlflow-skinny==3.17.2", "mlflow-tracing==3.17.2",
-          "pydantic", "boto3"]
+          "pydantic"]
+constraints = ["-c", "constraints.txt"] if Path("constraints.txt").exists() else []
 seen: set[str] = set()
 while wanted:
     req = Requirement(wanted.pop())
@@ -60,7 +66,7 @@ while wanted:
     spec = f"{req.name}{req.specifier}"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                     "--only-binary=:all:", "--python-version=3.12", "--implementation=cp",
-                    *platforms, "-d", str(dest), spec], check=True)
+                    *platforms, *constraints, "-d", str(dest), spec], check=True)
     pattern = re.sub(r"[-_.]+", "_", name)
     wheel = max((w for w in dest.glob("*.whl")
                  if re.sub(r"[-_.]+", "_", w.name.split("-")[0].lower()) == pattern),
@@ -74,12 +80,10 @@ while wanted:
                     wanted.append(str(Requirement(dep.name)))
 print("fetched:", ", ".join(sorted(seen)))
 PYEOF
-# Ray: repack without Java and RLlib to fit a call.
-RAY=$(ls "$DEST"/ray-2.60.0-*.whl 2>/dev/null | head -1 || true)
-if [ -n "$RAY" ]; then
-  TMP=$(mktemp -d)
-  (cd "$TMP" && unzip -q "$OLDPWD/$RAY" && rm -rf ray/jars ray/rllib)
-  tar -C "$TMP" -cJf "$DEST/ray-site.tar.xz" .
-  rm -rf "$TMP" "$RAY"
-fi
-du -sh "$DEST"
+# One site folder (a wheel is a zip of its files and its .dist-info), trimmed, packed.
+SITE="$WHEELS/site"
+mkdir -p "$SITE"
+for wheel in "$WHEELS"/*.whl; do unzip -q -o "$wheel" -d "$SITE"; done
+rm -rf "$SITE"/ray/jars "$SITE"/ray/rllib "$SITE"/mlflow/server/js
+tar -C "$SITE" -cJf "$DEST/gpu-site.tar.xz" .
+du -sh "$DEST/gpu-site.tar.xz"

@@ -27,7 +27,7 @@ def test_gpu_check_dry_run_passes_every_check_and_writes_one_json(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=1200,  # ~3-5 min on 2 cores; the script's own checks time out well before
     )
     assert out.exists(), done.stdout + done.stderr
     report = json.loads(out.read_text())
