@@ -74,3 +74,26 @@ def test_kill_worker_once_targets_the_last_rank_halfway_through_its_epoch(tmp_pa
     assert exits == [137] and (tmp_path / "killed").exists()
     kill.on_step(StepInfo(1, 5, 10, 1, 2))  # once per run: the marker remembers
     assert exits == [137]
+
+
+def test_loop_config_unpickles_without_torch_or_mlflow(manifest, digits_uri, tmp_path):
+    """Train V2's controller unpickles the LoopConfig with the trainer and never runs the loop:
+    torch and MLflow there would cost seconds on the way to the first step."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle as cloudpickle
+
+    loop = LoopConfig(
+        config=load_config(),
+        dataset=DatasetHandle.resolve(digits_uri, manifest),
+        callbacks=[KillWorkerOnce(epoch=0, marker=str(tmp_path / "m"))],
+    )
+    blob = tmp_path / "loop.pkl"
+    blob.write_bytes(cloudpickle.dumps(loop))
+    probe = (
+        f"import ray.cloudpickle as c, sys; c.loads(open({str(blob)!r}, 'rb').read()); "
+        "print(' '.join(m for m in ('torch', 'torchvision', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
