@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch first, pinned, so pip takes the local wheels and never a multi-GB download.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train test lint format bench mlflow clean-venv
+.PHONY: train test lint format bench mlflow clean-venv gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -40,6 +40,17 @@ mlflow: $(STAMP)
 	@# (not echoed: the backend URI may hold a password)
 	@$(BIN)/pipeline server mlflow --backend-store-uri '$(MLFLOW_BACKEND)' \
 		--artifacts-destination '$(MLFLOW_ARTIFACTS)' --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+# On the lent GPU machine (no venv, no Ray or MLflow): every GPU check in one command, results in
+# jobs/bench/results/gpu_check.json and $$OUT. Fetch the wheels it carries here first:
+# `make gpu-wheels` (into .whl/, ignored by git). `GPU_CHECK_ARGS=--dry-run` runs it on a CPU.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash jobs/bench/gpu_env.sh $(GPU_PYTHON) jobs/bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(STAMP)
+	PYTHON=$(BIN)/python bash jobs/bench/gpu_wheels.sh
 
 clean-venv:
 	rm -rf $(VENV)

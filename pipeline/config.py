@@ -197,6 +197,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = True
     compile: bool = False
+    # BatchNorm statistics over the global batch (SyncBatchNorm), not each worker's share: for
+    # small per-GPU batches. GPU workers only (torch's SyncBatchNorm runs on CUDA).
+    sync_bn: bool = False
     ema_decay: float | None = Field(None, gt=0, lt=1)
     seed: int = 0
     threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None = cpus
@@ -207,8 +210,41 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
+    # torch.distributed backend; None: nccl on GPU workers, gloo on CPU workers.
+    backend: Literal["nccl", "gloo"] | None = None
+    # How long a collective (gradient all-reduce, metric reduce, report barrier) may wait for
+    # the slowest worker before the run fails (the process group's timeout; Ray's default).
+    timeout_s: int = Field(1800, ge=10)
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     num_cpus: int | None = Field(None, ge=1)  # local Ray only
+
+    @model_validator(mode="after")
+    def _gpu_checks(self) -> ScalingConfig:
+        gpus = self.gpus_per_worker
+        if self.use_gpu and gpus == 0:
+            raise ValueError(
+                "scaling.gpus_per_worker=0 with scaling.use_gpu=true gives the workers no GPU "
+                "(and picks NCCL with none); set scaling.gpus_per_worker=1, or use_gpu=false"
+            )
+        if self.use_gpu and gpus < 1 and self.num_workers > 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker={gpus:g} with {self.num_workers} workers packs two "
+                "ranks onto one GPU, which NCCL refuses ('Duplicate GPU detected'); use "
+                "scaling.gpus_per_worker=1 (one worker per GPU)"
+            )
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(
+                f"scaling.gpus_per_worker={gpus:g}: more than one GPU must be a whole number"
+            )
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError(
+                "scaling.backend=nccl needs GPU workers (scaling.use_gpu=true); CPU workers use "
+                "gloo (leave scaling.backend unset)"
+            )
+        return self
+
+    def resolved_backend(self) -> str:
+        return self.backend or ("nccl" if self.use_gpu else "gloo")
 
 
 class RunConfig(_Section):
@@ -216,9 +252,6 @@ class RunConfig(_Section):
     storage_path: str = "runs"  # checkpoints: local dir or s3://
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
-    # Testing fault tolerance on a real cluster: the last worker's process dies (os._exit) halfway
-    # through this epoch (0-based), once per run. Leave unset in production.
-    fail_at_epoch: int | None = Field(None, ge=0)
 
 
 class TrackingConfig(_Section):
@@ -295,6 +328,11 @@ class PipelineConfig(_Section):
             raise ValueError(
                 "train.precision=fp16 needs scaling.use_gpu=true (fp16 autocast with a grad "
                 "scaler is a GPU feature); use bf16 on CPU"
+            )
+        if self.train.sync_bn and not self.scaling.use_gpu and self.scaling.num_workers > 1:
+            raise ValueError(
+                "train.sync_bn needs GPU workers (scaling.use_gpu=true): torch's SyncBatchNorm "
+                "runs on CUDA only; turn it off for CPU workers"
             )
         return self
 

@@ -12,7 +12,8 @@ from pipeline.data.transform import iter_split
 from pipeline.data.validate import verify_split
 from pipeline.errors import DatasetError
 from pipeline.model_package import input_resize, load_logged_model, preprocessing
-from pipeline.train.metrics import EpochMeter, per_class_accuracy
+from pipeline.train.loop import evaluate
+from pipeline.train.metrics import per_class_accuracy
 
 
 @torch.no_grad()
@@ -30,14 +31,13 @@ def evaluate_model(
         )
     if manifest.classes != meta["classes"]:
         raise DatasetError(f"{data_uri}: classes {manifest.classes} differ from the model's")
-    meter = EpochMeter(len(manifest.classes), confusion=True)
+    # The model's own normalisation, not the dataset's: it is what the model was trained with.
     batches = iter_split(
         data_uri, manifest, split, storage=storage, resize=input_resize(meta), normalization=norm
     )
-    for x, y in batches:
-        logits = model(x)
-        meter.update(logits, y, torch.nn.functional.cross_entropy(logits, y))
-    result = meter.reduce()
+    result = evaluate(
+        model, batches, len(manifest.classes), device=torch.device("cpu"), confusion=True
+    )
     confusion = result.pop("confusion")
     result["per_class_accuracy"] = dict(
         zip(manifest.classes, per_class_accuracy(confusion), strict=True)

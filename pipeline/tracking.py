@@ -308,30 +308,6 @@ def logged_epochs(run_id: str, key: str) -> set[int]:
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
 
-def log_epoch_metrics(metrics: dict[str, Any], epoch: int) -> dict[str, float]:
-    """Log one epoch's scalar metrics with step=epoch; returns what was logged.
-
-    A key already logged at this epoch (an attempt that crashed after logging) is skipped, so a
-    resumed run never has an epoch twice. Non-scalar values (a confusion matrix) are ignored.
-    """
-    run_id = _active_run_id()
-    scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
-    fresh = {k: v for k, v in scalars.items() if epoch not in logged_epochs(run_id, k)}
-    if fresh:
-        mlflow.log_metrics(fresh, step=epoch)
-    return fresh
-
-
-def _scalar(value: Any) -> float | None:
-    # Numbers, numpy scalars and one-element tensors; everything else (matrices) is not a metric.
-    if isinstance(value, bool | str | bytes):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
 def summarize_history(history: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Summary numbers of a run from per-epoch rows (keys epoch, train_loss, val_acc, ...).
 

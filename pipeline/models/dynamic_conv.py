@@ -125,7 +125,11 @@ class DynamicConv2d(nn.Module):
         self.dilation = _pair(dilation)
         self.groups = groups
         self.num_kernels = num_kernels
-        self.temperature = float(temperature)
+        # A buffer changed in place: torch.compile treats a Python float attribute as a constant
+        # and recompiles when it changes (every epoch of the annealing, then falls back to eager
+        # after 8); a tensor is an input. Not in state dicts (the schedule sets it), but moved
+        # with the module and copied by an EMA.
+        self.register_buffer("_temperature", torch.tensor(float(temperature)), persistent=False)
         self.algorithm = algorithm
         # The K kernels stacked along dim 0, (K*out, in/g, kh, kw): 4-D like a conv weight, so
         # that `model.to(memory_format=torch.channels_last)` works on a model holding this layer.
@@ -150,9 +154,17 @@ class DynamicConv2d(nn.Module):
         """The K kernels as a (K, out, in/g, kh, kw) view of `weight`."""
         return self.weight.unflatten(0, (self.num_kernels, self.out_channels))
 
+    @property
+    def temperature(self) -> float:
+        return float(self._temperature)
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature.fill_(float(value))
+
     def kernel_attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, K) mixing weights, softmax(logits / temperature)."""
-        return torch.softmax(self.attention(x) / self.temperature, dim=1)
+        return torch.softmax(self.attention(x) / self._temperature, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.kernel_attention(x)
@@ -285,6 +297,6 @@ def set_temperature(model: nn.Module, t: float) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, DynamicConv2d):
-            module.temperature = float(t)
+            module.temperature = t
             count += 1
     return count

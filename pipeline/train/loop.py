@@ -14,12 +14,11 @@ same run, and an epoch already logged is never logged again.
 from __future__ import annotations
 
 import math
-import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +32,8 @@ from pipeline.models.dynamic_conv import set_temperature, temperature_at
 from pipeline.models.transfer import freeze_backbone, load_weights, parameter_groups
 from pipeline.models.zoo import build_model
 from pipeline.tags import COMPLETED_TAG
+from pipeline.train.callbacks import LoopCallback, LoopHooks, StepInfo
+from pipeline.train.entry import LoopConfig
 from pipeline.train.metrics import EpochMeter, global_throughput
 from pipeline.train.optim import (
     BatchMixer,
@@ -45,17 +46,7 @@ from pipeline.train.optim import (
     mixed_loss,
     unwrap_model,
 )
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-@dataclass
-class LoopState:
-    """Everything a checkpoint restores, besides the modules' own state dicts."""
-
-    epoch: int = 0  # next epoch to run
-    history: list[dict[str, float]] = field(default_factory=list)
-    mlflow_run_id: str | None = None
+from pipeline.train.state import TrainState, read_checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -92,131 +83,137 @@ def per_worker_batch(cfg: PipelineConfig) -> int:
     return cfg.train.batch_size // cfg.scaling.num_workers
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
+@dataclass(frozen=True)
+class StepOptions:
+    """How each step runs on this worker: device, layout, precision, loss and clipping."""
+
+    device: torch.device
+    num_classes: int
+    steps: int  # optimizer steps per epoch, equal on every worker
+    precision: str = "fp32"
+    channels_last: bool = False
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig, manifest: Manifest, device: torch.device) -> StepOptions:
+        return cls(
+            device=device,
+            num_classes=manifest.num_classes,
+            steps=steps_per_epoch(cfg, manifest),
+            precision=cfg.train.precision,
+            channels_last=cfg.train.channels_last,
+            label_smoothing=cfg.train.label_smoothing,
+            grad_clip=cfg.train.grad_clip,
+        )
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return memory_format(self.channels_last)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def configure_device(device: torch.device) -> None:
+    """Backend settings for this worker's device: cuDNN picks the fastest convolution algorithms
+    for the (fixed) input shapes on the first batches and keeps them."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def worker_model(cfg: PipelineConfig, manifest: Manifest, world: int) -> nn.Module:
+    """The model as this worker trains it, before DDP: its memory layout, and SyncBatchNorm
+    (statistics over the global batch) when configured and there is more than one worker."""
+    model = model_for(cfg, manifest).to(memory_format=memory_format(cfg.train.channels_last))
+    if cfg.train.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_state(
+    cfg: PipelineConfig, manifest: Manifest, device: torch.device, rank: int, world: int
+) -> TrainState:
+    """A fresh TrainState for this worker: the model (DDP when distributed), its optimizer,
+    schedule, scaler, EMA and mixer, as the config says."""
     import ray.train.torch
 
-    cfg = PipelineConfig.model_validate(loop_config["config"])
-    manifest = Manifest.model_validate(loop_config["manifest"])
-    progress = loop_config.get("progress")
-
-    entered = time.time()  # startup timeline (rank 0 logs it): worker up, DDP ready
-    # (1) who am I, where do I run
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
-    seed_everything(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
-
-    model = model_for(cfg, manifest)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = worker_model(cfg, manifest, world)
     groups = parameter_groups(model, cfg.train.weight_decay, cfg.model.backbone_lr_scale)
     # (2) DDP
     model = ray.train.torch.prepare_model(model)
-    ddp_ready = time.time()
     optimizer = build_optimizer(cfg.train, groups)
-    steps = steps_per_epoch(cfg, manifest)
-    scheduler = build_scheduler(cfg.train, optimizer, steps)
-    scaler = make_grad_scaler(cfg.train.precision, device.type)
-    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    mixer = BatchMixer(
-        cfg.train.mixup_alpha, cfg.train.cutmix_alpha, manifest.num_classes, cfg.train.seed + rank
+    return TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg.train, optimizer, steps_per_epoch(cfg, manifest)),
+        scaler=make_grad_scaler(cfg.train.precision, device.type),
+        mixer=BatchMixer(
+            cfg.train.mixup_alpha,
+            cfg.train.cutmix_alpha,
+            manifest.num_classes,
+            cfg.train.seed + rank,
+        ),
+        ema=ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None,
     )
-    step_fn = torch.compile(model) if cfg.train.compile else model
+
+
+def train_loop_per_worker(loop_config: LoopConfig) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg, manifest = loop_config.config, loop_config.manifest
+    entered = time.time()  # startup timeline (rank 0 logs it): worker up, DDP ready
+    # (1) who am I, where do I run
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+    seed_everything(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
+    configure_device(device)
+
+    state = build_state(cfg, manifest, device, rank, world)
+    ddp_ready = time.time()
+    forward = torch.compile(state.model) if cfg.train.compile else state.model
+    opts = StepOptions.of(cfg, manifest, device)
 
     # (6) resume
-    state = LoopState(mlflow_run_id=loop_config.get("mlflow_run_id"))
+    state.mlflow_run_id = loop_config.mlflow_run_id
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        unwrap_model(model).load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        if ema is not None and saved.get("ema"):
-            ema.load_state_dict(saved["ema"])
-        _set_rng_state(saved["rng"], mixer)
-        state = LoopState(saved["epoch"], saved["history"], saved["mlflow_run_id"])
+            state.load_state_dict(read_checkpoint(d))
 
     tracker = _RankZeroTracker(cfg, state.mlflow_run_id) if rank == 0 else None
+    callbacks = list(loop_config.callbacks)
     if tracker is not None:
-        started_at = loop_config.get("started_at", entered)
         tracker.startup = {
-            **loop_config.get("startup", {}),
-            "startup_worker_entered_s": entered - started_at,
-            "startup_ddp_ready_s": ddp_ready - started_at,
+            **loop_config.startup,
+            "startup_worker_entered_s": entered - loop_config.started_at,
+            "startup_ddp_ready_s": ddp_ready - loop_config.started_at,
         }
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    batch = per_worker_batch(cfg)
-    cache = val_cache = None
-    if loop_config.get("cache"):
-        augment_seed = cfg.train.seed * 7919 + rank * 104_729 + state.epoch
-        resize = cfg.data.resize
-        cache = WorkerCache(
-            BatchTransform(
-                manifest.image, manifest.normalization, cfg.data.augment, augment_seed, resize
-            )
-        )
-        val_cache = WorkerCache(
-            BatchTransform(manifest.image, manifest.normalization, None, resize=resize)
-        )
-    val_batch = max(batch, 256)
+        callbacks.append(_FirstStepClock(tracker, loop_config.started_at))
+        if loop_config.progress is not None:
+            callbacks.append(_ProgressFeed(loop_config.progress))
+    data = _WorkerData(cfg, manifest, rank, state.epoch, loop_config.cache, device)
 
     for epoch in range(state.epoch, cfg.train.epochs):
         dy = cfg.model.dynamic
         set_temperature(
-            model,
+            state.model,
             temperature_at(epoch, dy.temperature_start, dy.temperature_end, dy.temperature_epochs),
         )
-        # (3) this worker's shard, reshuffled every epoch
-        shuffle_seed = cfg.train.seed * 100_003 + epoch * 101 + rank
-        if cache is not None and cache.ready:
-            batches = cache.epoch(batch, shuffle_seed)
-        else:
-            batches = train_shard.iter_torch_batches(
-                batch_size=batch,
-                drop_last=True,
-                local_shuffle_buffer_size=max(4 * batch, 1024),
-                local_shuffle_seed=shuffle_seed,
-                device="cpu" if cache is not None else device,
-            )
-            if cache is not None:
-                batches = cache.fill(batches)
         train = train_one_epoch(
-            step_fn,
-            model,
-            batches,
-            optimizer,
-            scheduler,
-            scaler,
-            ema,
-            mixer,
-            cfg,
-            device,
-            manifest.num_classes,
-            steps,
-            progress if rank == 0 else None,
-            epoch,
-            on_step=lambda i, epoch=epoch: _on_step(
-                i, epoch, steps, rank, cfg, loop_config, tracker
-            ),
+            state, forward, data.train_batches(epoch), opts, epoch, _Hooks(callbacks, rank, world)
         )
-        eval_model = ema.module if ema is not None else model
-        if val_cache is not None and val_cache.ready:
-            val_batches = val_cache.epoch(val_batch, seed=None, drop_last=False)
-        elif val_cache is not None:
-            val_batches = val_cache.fill(val_shard.iter_torch_batches(batch_size=val_batch))
-        else:
-            val_batches = val_shard.iter_torch_batches(batch_size=val_batch, device=device)
         val = evaluate(
-            eval_model,
-            val_batches,
-            cfg,
-            device,
-            manifest.num_classes,
+            state.eval_model,
+            data.val_batches(),
+            opts.num_classes,
+            device=device,
+            precision=opts.precision,
+            memory_format=opts.memory_format,
         )
         row = {
             "epoch": epoch,
@@ -234,118 +231,143 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_epoch(row)
             state.mlflow_run_id = tracker.run_id
-            if progress is not None:
-                progress.put({"kind": "epoch", **row, "epochs": cfg.train.epochs})
+            if loop_config.progress is not None:
+                loop_config.progress.put({"kind": "epoch", **row, "epochs": cfg.train.epochs})
         # (5) checkpoint + report: rank 0 writes, everyone reports (a barrier)
-        _report(row, state, model, optimizer, scheduler, scaler, ema, mixer, rank == 0)
+        _report(row, state, rank == 0)
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, rank)
 
     if tracker is not None:
-        final_model = ema.module if ema is not None else unwrap_model(model)
-        tracker.finish(final_model, state.history, manifest, loop_config, progress)
+        tracker.finish(state.eval_model, state.history, loop_config)
+
+
+class _WorkerData:
+    """This worker's train and val batches, epoch by epoch: streamed from its Ray Dataset
+    shards, or after the first epoch from its in-memory cache (LoopConfig.cache)."""
+
+    def __init__(self, cfg, manifest, rank: int, start_epoch: int, cache: bool, device) -> None:
+        import ray.train
+
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val")
+        self.batch = per_worker_batch(cfg)
+        self.val_batch = max(self.batch, 256)
+        self.cache = self.val_cache = None
+        if cache:
+            augment_seed = cfg.train.seed * 7919 + rank * 104_729 + start_epoch
+            resize = cfg.data.resize
+            self.cache = WorkerCache(
+                BatchTransform(
+                    manifest.image, manifest.normalization, cfg.data.augment, augment_seed, resize
+                )
+            )
+            self.val_cache = WorkerCache(
+                BatchTransform(manifest.image, manifest.normalization, None, resize=resize)
+            )
+
+    def train_batches(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]:
+        # (3) this worker's shard, reshuffled every epoch
+        shuffle_seed = self.cfg.train.seed * 100_003 + epoch * 101 + self.rank
+        if self.cache is not None and self.cache.ready:
+            return self.cache.epoch(self.batch, shuffle_seed)
+        batches = self.train_shard.iter_torch_batches(
+            batch_size=self.batch,
+            drop_last=True,
+            local_shuffle_buffer_size=max(4 * self.batch, 1024),
+            local_shuffle_seed=shuffle_seed,
+            device="cpu" if self.cache is not None else self.device,
+        )
+        return self.cache.fill(batches) if self.cache is not None else batches
+
+    def val_batches(self) -> Iterable[Any]:
+        if self.val_cache is not None and self.val_cache.ready:
+            return self.val_cache.epoch(self.val_batch, seed=None, drop_last=False)
+        if self.val_cache is not None:
+            return self.val_cache.fill(self.val_shard.iter_torch_batches(batch_size=self.val_batch))
+        return self.val_shard.iter_torch_batches(batch_size=self.val_batch, device=self.device)
 
 
 def train_one_epoch(
-    step_fn,
-    model,
-    batches,
-    optimizer,
-    scheduler,
-    scaler,
-    ema,
-    mixer,
-    cfg,
-    device,
-    num_classes,
-    steps,
-    progress,
-    epoch,
-    on_step=None,
+    state: TrainState,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[dict[str, torch.Tensor]],
+    opts: StepOptions,
+    epoch: int,
+    hooks: _Hooks | None = None,
 ) -> dict[str, float]:
-    model.train()
-    meter = EpochMeter(num_classes, device=device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    """One epoch of exactly `opts.steps` optimizer steps; `forward` is the model, or its
+    torch.compile'd wrapper. Returns global loss/acc, images_per_s, epoch_time_s and the LR."""
+    state.model.train()
+    meter = EpochMeter(opts.num_classes, device=opts.device)
     started = time.perf_counter()
-    last_push = started
+    loss = None
     for i, b in enumerate(batches):
-        if i >= steps:  # every worker takes exactly `steps` steps (DDP needs equal counts)
+        if i >= opts.steps:  # every worker takes exactly `steps` steps (DDP needs equal counts)
             break
-        if on_step is not None:
-            on_step(i)
-        x = b["image"].to(device, memory_format=memory_format, non_blocking=True)
-        y = b["label"].to(device, non_blocking=True)
-        x, target = mixer(x, y)
-        with autocast_context(cfg.train.precision, device.type):
-            logits = step_fn(x)
-            loss = mixed_loss(logits, target, cfg.train.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            clip_gradients(model, cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
+        if hooks is not None:
+            hooks.step(epoch, i, opts.steps, loss)
+        x = b["image"].to(opts.device, memory_format=opts.memory_format, non_blocking=True)
+        y = b["label"].to(opts.device, non_blocking=True)
+        loss, logits = _step(state, forward, x, y, opts)
         meter.update(logits.float(), y, loss)
-        now = time.perf_counter()
-        if progress is not None and now - last_push > 0.5:
-            progress.put(
-                {
-                    "kind": "step",
-                    "epoch": epoch,
-                    "step": i + 1,
-                    "steps": steps,
-                    "loss": float(loss.detach()),
-                    "elapsed": now - started,
-                }
-            )
-            last_push = now
+    if opts.device.type == "cuda":  # kernels run asynchronously: count the time they take
+        torch.cuda.synchronize(opts.device)
     elapsed = time.perf_counter() - started
     result = meter.reduce()  # (4) global sums
     result["images_per_s"] = global_throughput(result["count"], elapsed)
     result["epoch_time_s"] = elapsed
-    result["lr"] = optimizer.param_groups[0]["lr"]
+    result["lr"] = state.optimizer.param_groups[0]["lr"]
     return result
+
+
+def _step(state: TrainState, forward, x, y, opts: StepOptions):
+    """One optimizer step: mix, forward under autocast, scaled backward, clip, step, EMA."""
+    x, target = state.mixer(x, y)
+    with autocast_context(opts.precision, opts.device.type):
+        logits = forward(x)
+        loss = mixed_loss(logits, target, opts.label_smoothing)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if opts.grad_clip is not None:
+        state.scaler.unscale_(state.optimizer)
+        clip_gradients(state.model, opts.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update(state.model)
+    return loss, logits
 
 
 @torch.no_grad()
 def evaluate(
-    model, batches, cfg, device, num_classes, confusion: bool = False, all_workers: bool = True
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_classes: int,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    memory_format: torch.memory_format = torch.contiguous_format,
+    confusion: bool = False,
+    all_workers: bool = True,
 ) -> dict[str, Any]:
+    """Loss, top-1/top-5 (and the confusion matrix) of `model` over `batches`, which are dicts
+    (image, label) or (image, label) pairs; global over the workers unless `all_workers=False`."""
     model.eval()
     meter = EpochMeter(num_classes, confusion=confusion, device=device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for b in batches:
         x, y = (b["image"], b["label"]) if isinstance(b, dict) else b
         x, y = x.to(device, memory_format=memory_format), y.to(device)
-        with autocast_context(cfg.train.precision, device.type):
+        with autocast_context(precision, device.type):
             logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y)
         meter.update(logits.float(), y, loss)
     return meter.reduce(all_workers)
 
 
-def _rng_state(mixer: BatchMixer) -> dict[str, Any]:
-    """RNG states in types `torch.load(weights_only=True)` accepts (no numpy arrays)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": random.getstate(),
-        "mixer": mixer.generator.bit_generator.state,
-    }
-
-
-def _set_rng_state(state: dict[str, Any], mixer: BatchMixer) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    mixer.generator.bit_generator.state = state["mixer"]
-
-
-def _report(row, state, model, optimizer, scheduler, scaler, ema, mixer, is_rank0: bool) -> None:
+def _report(row: dict[str, float], state: TrainState, is_rank0: bool) -> None:
     import ray.train
 
     # `epochs_done` (1-based) is the time axis of Tune's ASHA scheduler, stable across restarts.
@@ -354,20 +376,7 @@ def _report(row, state, model, optimizer, scheduler, scaler, ema, mixer, is_rank
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save(
-            {
-                "model": unwrap_model(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": state.epoch,
-                "history": state.history,
-                "mlflow_run_id": state.mlflow_run_id,
-                "rng": _rng_state(mixer),
-            },
-            Path(d) / CHECKPOINT_FILE,
-        )
+        state.save(d)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -375,27 +384,55 @@ def _report(row, state, model, optimizer, scheduler, scaler, ema, mixer, is_rank
         )
 
 
-def _on_step(i, epoch, steps, rank, cfg, loop_config, tracker) -> None:
-    if i == 0 and tracker is not None and tracker.first_step_s is None:
-        # Seconds from the `pipeline train` process start to the first optimizer step.
-        tracker.first_step_s = time.time() - loop_config.get("started_at", time.time())
-    _maybe_inject_failure(cfg, epoch, i, steps, rank, loop_config.get("failure_marker"))
+class _Hooks:
+    """The step callbacks of one worker, with what each needs to know about where it is."""
+
+    def __init__(self, callbacks: list[LoopCallback], rank: int, world: int) -> None:
+        self.callbacks, self.rank, self.world = callbacks, rank, world
+
+    def step(self, epoch: int, step: int, steps: int, last_loss: torch.Tensor | None) -> None:
+        if not self.callbacks:
+            return
+        info = StepInfo(epoch, step, steps, self.rank, self.world, last_loss)
+        for callback in self.callbacks:
+            callback.on_step(info)
 
 
-def _maybe_inject_failure(
-    cfg: PipelineConfig, epoch: int, step: int, steps: int, rank: int, marker: str | None
-) -> None:
-    """Testing fault tolerance for real: the last worker's process dies (no exception, no
-    clean-up) halfway through epoch `run.fail_at_epoch`, once per run (a marker file remembers)."""
-    if cfg.run.fail_at_epoch is None or epoch != cfg.run.fail_at_epoch or marker is None:
-        return
-    if step != steps // 2:
-        return
-    if rank != cfg.scaling.num_workers - 1 or os.path.exists(marker):
-        return
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(marker).write_text(f"worker {rank} killed at epoch {epoch}\n")
-    os._exit(137)
+class _FirstStepClock(LoopHooks):
+    """Seconds from the `pipeline train` process start to the first optimizer step (rank 0)."""
+
+    def __init__(self, tracker: _RankZeroTracker, started_at: float) -> None:
+        self.tracker, self.started_at = tracker, started_at
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.step == 0 and self.tracker.first_step_s is None:
+            self.tracker.first_step_s = time.time() - self.started_at
+
+
+class _ProgressFeed(LoopHooks):
+    """Step messages for the live display, at most two a second (each costs a host sync)."""
+
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+        self.epoch_started = self.last_push = 0.0
+
+    def on_step(self, info: StepInfo) -> None:
+        now = time.perf_counter()
+        if info.step == 0:
+            self.epoch_started = self.last_push = now
+            return
+        if now - self.last_push > 0.5 and info.last_loss is not None:
+            self.progress.put(
+                {
+                    "kind": "step",
+                    "epoch": info.epoch,
+                    "step": info.step,
+                    "steps": info.steps,
+                    "loss": float(info.last_loss.detach()),
+                    "elapsed": now - self.epoch_started,
+                }
+            )
+            self.last_push = now
 
 
 class _RankZeroTracker:
@@ -438,29 +475,29 @@ class _RankZeroTracker:
             )
             self._logged.add(row["epoch"])
 
-    def finish(self, model, history, manifest: Manifest, loop_config, progress) -> None:
+    def finish(self, model: nn.Module, history: list[dict[str, float]], loop: LoopConfig) -> None:
         import mlflow
 
         from pipeline import tracking
         from pipeline.model_package import log_pipeline_model
 
-        cfg = self.cfg
+        cfg, manifest, progress = self.cfg, loop.manifest, loop.progress
         self._start()
         if progress is not None:
             progress.put({"kind": "phase", "text": "evaluating the test split"})
-        device = next(model.parameters()).device
         test = evaluate(
             model,
             iter_split(
-                cfg.data.uri,
+                loop.dataset.uri,
                 manifest,
                 cfg.data.test_split,
                 storage=cfg.storage,
                 resize=cfg.data.resize,
             ),
-            cfg,
-            device,
             manifest.num_classes,
+            device=next(model.parameters()).device,
+            precision=cfg.train.precision,
+            memory_format=memory_format(cfg.train.channels_last),
             confusion=True,
             all_workers=False,
         )

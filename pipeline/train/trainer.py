@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +33,8 @@ from pipeline.tags import (
     MANIFEST_ARTIFACT,
     RUN_NAME_TAG,
 )
-from pipeline.train.entry import train_loop_per_worker
+from pipeline.train.callbacks import LoopCallback
+from pipeline.train.entry import DatasetHandle, LoopConfig, train_loop_per_worker
 from pipeline.train.loop import model_for, per_worker_batch, steps_per_epoch
 from pipeline.train.ray_runtime import init_ray
 
@@ -138,13 +140,13 @@ def cache_in_workers(cfg: PipelineConfig, manifest: Manifest) -> bool:
     return share_mb <= cfg.data.cache_max_mb
 
 
-def _datasets(cfg: PipelineConfig, manifest: Manifest, cache: bool) -> dict[str, Any]:
+def _datasets(cfg: PipelineConfig, dataset: DatasetHandle, cache: bool) -> dict[str, Any]:
     from pipeline.data.ingest import ray_dataset
 
-    split = cfg.data
+    split, manifest = cfg.data, dataset.manifest
     return {
         "train": ray_dataset(
-            split.uri,
+            dataset.uri,
             manifest,
             split.train_split,
             augment=split.augment,
@@ -153,7 +155,7 @@ def _datasets(cfg: PipelineConfig, manifest: Manifest, cache: bool) -> dict[str,
             decode_only=cache,
         ),
         "val": ray_dataset(
-            split.uri,
+            dataset.uri,
             manifest,
             split.val_split,
             augment=None,
@@ -191,6 +193,14 @@ def _scaling_config(cfg: PipelineConfig):
         use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=resources,
     )
+
+
+def torch_config(cfg: PipelineConfig):
+    """The process group Ray Train sets up: backend (nccl for GPU workers, gloo for CPU ones,
+    unless scaling.backend says) and the collective timeout."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend=cfg.scaling.resolved_backend(), timeout_s=cfg.scaling.timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +370,7 @@ def _fit_with_display(trainer, progress_queue, display: LiveDisplay):
 
 def build_trainer(
     cfg: PipelineConfig,
-    manifest: Manifest,
+    dataset: DatasetHandle | Manifest,
     run_name: str,
     run_id: str,
     *,
@@ -368,28 +378,36 @@ def build_trainer(
     started: float | None = None,
     startup: dict[str, float] | None = None,
     callbacks: list[Any] | None = None,
+    loop_callbacks: Sequence[LoopCallback] = (),
 ):
-    """The TorchTrainer of one training run: `pipeline train` fits it, a Tune trial too."""
+    """The TorchTrainer of one training run: `pipeline train` fits it, a Tune trial too.
+
+    `dataset`: the run's resolved dataset (a bare manifest is resolved here, once);
+    `callbacks`: Ray Train's (RunConfig); `loop_callbacks`: the workers' step and epoch hooks
+    (`pipeline.train.callbacks`), for fault drills and tests.
+    """
     from ray.train.torch import TorchTrainer
 
-    cache = cache_in_workers(cfg, manifest)
-    storage = st.resolve(cfg.run.storage_path, cfg.storage)
-    marker_root = storage.path if not storage.is_s3 else "/tmp"
+    if not isinstance(dataset, DatasetHandle):
+        dataset = DatasetHandle.resolve(cfg.data.uri, dataset, cfg.storage)
+    cache = cache_in_workers(cfg, dataset.manifest)
+    loop_config = LoopConfig(
+        config=cfg,
+        dataset=dataset,
+        mlflow_run_id=run_id,
+        progress=progress,
+        cache=cache,
+        started_at=started if started is not None else time.time(),
+        startup=startup or {},
+        callbacks=list(loop_callbacks),
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "manifest": manifest.model_dump(mode="json"),
-            "mlflow_run_id": run_id,
-            "progress": progress,
-            "cache": cache,
-            "started_at": started if started is not None else time.time(),
-            "startup": startup or {},
-            "failure_marker": str(Path(marker_root, run_name, ".injected-failure")),
-        },
+        train_loop_config=loop_config,
+        torch_config=torch_config(cfg),
         scaling_config=_scaling_config(cfg),
         run_config=_run_config(cfg, run_name, callbacks),
-        datasets=_datasets(cfg, manifest, cache),
+        datasets=_datasets(cfg, dataset, cache),
     )
 
 
@@ -398,9 +416,14 @@ def build_trainer(
 
 
 def run_training(
-    cfg: PipelineConfig, console: Console | None = None, manifest: Manifest | None = None
+    cfg: PipelineConfig,
+    console: Console | None = None,
+    manifest: Manifest | None = None,
+    *,
+    loop_callbacks: Sequence[LoopCallback] = (),
 ) -> TrainingSummary:
-    """Train `cfg` end to end; `manifest`, when given, is `ensure_dataset`'s for this config."""
+    """Train `cfg` end to end; `manifest`, when given, is `ensure_dataset`'s for this config;
+    `loop_callbacks` run on the workers (see `pipeline.train.callbacks`)."""
     from mlflow.tracking import MlflowClient
     from ray.util.queue import Queue
 
@@ -408,6 +431,7 @@ def run_training(
     started = _process_start()
     cfg = cfg.with_absolute_paths()
     manifest = preflight(cfg, console, manifest)
+    dataset = DatasetHandle.resolve(cfg.data.uri, manifest, cfg.storage)
     startup = {"startup_preflight_s": time.time() - started}
     run_name = cfg.run.name or f"{cfg.tracking.experiment}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_id, experiment_id, completed = open_mlflow_run(cfg, run_name, manifest)
@@ -423,12 +447,13 @@ def run_training(
         progress_queue = Queue()
         trainer = build_trainer(
             cfg,
-            manifest,
+            dataset,
             run_name,
             run_id,
             progress=progress_queue,
             started=started,
             startup=startup,
+            loop_callbacks=loop_callbacks,
         )
         console.print(
             f"training {cfg.model.name} on {manifest.name} ({cfg.data.uri}) with "

@@ -4,6 +4,7 @@ champion alone, and a second run while one holds the lock is refused."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,8 @@ from pipeline.errors import NightlyError
 from pipeline.nightly import NightlyLock, run_nightly
 from pipeline.registry import LockSettings, aliases_of
 from pipeline.tags import KIND_TAG, NIGHTLY_DATE_TAG, NIGHTLY_DECISION_TAG
+from pipeline.train import trainer
+from pipeline.train.callbacks import KillWorkerOnce
 
 REPO = Path(__file__).resolve().parents[2]
 NIGHTLY_CONFIG = REPO / "jobs" / "configs" / "nightly.yaml"
@@ -149,15 +152,21 @@ def test_nightly_trains_promotes_skips_and_fine_tunes_on_new_shards(ray_session,
     assert added in Path(md).read_text()
 
 
-def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(ray_session, setup):
+def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(
+    ray_session, setup, monkeypatch
+):
     tmp, _, overrides = setup
     cfg = load_config(NIGHTLY_CONFIG, overrides)
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     assert run_nightly(cfg, date=DAY).decision == "promoted"
 
     # A worker dies mid-training with no retries left: the run fails, the champion stays.
-    failing = load_config(NIGHTLY_CONFIG, [*overrides, "run.max_failures=0", "run.fail_at_epoch=0"])
-    with pytest.raises(NightlyError, match="champion unchanged: v1"):
+    kill = [KillWorkerOnce(epoch=0, marker=str(tmp / "injected-failure"))]
+    failing = load_config(NIGHTLY_CONFIG, [*overrides, "run.max_failures=0"])
+    with monkeypatch.context() as patch, pytest.raises(NightlyError, match="unchanged: v1"):
+        patch.setattr(
+            trainer, "run_training", functools.partial(trainer.run_training, loop_callbacks=kill)
+        )
         run_nightly(failing, date="2026-11-30", force=True)
     assert aliases_of(client, "nightly-model")["champion"] == "1"
     failed = [r for r in nightly_runs(client) if r.data.tags[NIGHTLY_DATE_TAG] == "2026-11-30"]

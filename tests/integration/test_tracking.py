@@ -21,7 +21,6 @@ from pipeline.errors import TrackingUnavailable
 from pipeline.tracking import (
     check_tracking_server,
     log_dataset_input,
-    log_epoch_metrics,
     log_params_flat,
     log_run_artifacts,
     log_summary_metrics,
@@ -133,34 +132,15 @@ def test_standard_tags_name_the_code_and_versions():
 # --- metrics -----------------------------------------------------------------------------------
 
 
-def _history(run_id: str, key: str) -> dict[int, float]:
-    return {m.step: m.value for m in MlflowClient().get_metric_history(run_id, key)}
-
-
-def test_epoch_metrics_use_the_epoch_as_step(store):
+def test_logged_epochs_survive_a_crash_so_a_resumed_run_skips_them(store):
+    """What rank 0's tracker reads on resume: the epochs a crashed attempt already logged."""
     run_id = store.new_run()
-    for row in HISTORY:
-        metrics = {k: v for k, v in row.items() if k != "epoch"}
-        metrics["confusion"] = torch.eye(3)  # not a scalar: ignored
-        metrics["val_count"] = torch.tensor(60)
-        log_epoch_metrics(metrics, epoch=row["epoch"])
-    assert _history(run_id, "val_acc") == {0: 0.4, 1: 0.7, 2: 0.7}
-    assert _history(run_id, "val_count") == {0: 60, 1: 60, 2: 60}
-    assert "confusion" not in MlflowClient().get_run(run_id).data.metrics
-    assert logged_epochs(run_id, "train_loss") == {0, 1, 2}
-
-
-def test_resume_after_a_crash_never_logs_an_epoch_twice(store):
-    run_id = store.new_run()
-    log_epoch_metrics({"train_loss": 2.0, "val_acc": 0.4}, epoch=0)
-    log_epoch_metrics({"train_loss": 1.5, "val_acc": 0.5}, epoch=1)
-    _crash()  # the checkpoint was from epoch 0, so epoch 1 is trained (and reported) again
+    mlflow.log_metrics({"train_loss": 2.0, "val_acc": 0.4}, step=0)
+    mlflow.log_metrics({"train_loss": 1.5, "val_acc": 0.5}, step=1)
+    _crash()
     store.resume(run_id)
-    assert log_epoch_metrics({"train_loss": 1.4, "val_acc": 0.55}, epoch=1) == {}
-    log_epoch_metrics({"train_loss": 1.0, "val_acc": 0.6}, epoch=2)
-    history = MlflowClient().get_metric_history(run_id, "val_acc")
-    assert sorted(m.step for m in history) == [0, 1, 2]
-    assert _history(run_id, "val_acc") == {0: 0.4, 1: 0.5, 2: 0.6}
+    assert logged_epochs(run_id, "val_acc") == {0, 1}
+    assert logged_epochs(run_id, "lr") == set()
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"
 
 

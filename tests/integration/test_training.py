@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import load_config
 from pipeline.data.sources import WriteOptions, prepare_digits
 from pipeline.errors import TrainingError
+from pipeline.train.callbacks import KillWorkerOnce
 from pipeline.train.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,11 +104,10 @@ def test_worker_death_resumes_from_checkpoint_in_the_same_mlflow_run(
         "run.name=faulty",
         "train.epochs=4",
         "run.max_failures=1",
-        "run.fail_at_epoch=1",
         "registry.model_name=",
     )
-    summary = run_training(cfg)
-    marker = workdir / "runs" / "faulty" / ".injected-failure"
+    marker = workdir / "injected-failure"
+    summary = run_training(cfg, loop_callbacks=[KillWorkerOnce(epoch=1, marker=str(marker))])
     assert marker.exists(), "the worker process was killed"
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs([summary.experiment_id])
@@ -124,16 +124,16 @@ def test_same_run_name_resumes_and_a_new_name_starts_fresh(ray_session, workdir,
         "run.name=resumable",
         "train.epochs=3",
         "run.max_failures=0",
-        "run.fail_at_epoch=1",
         "registry.model_name=",
     )
+    kill = [KillWorkerOnce(epoch=1, marker=str(workdir / "injected-failure"))]
     with pytest.raises(TrainingError, match="resumable"):
-        run_training(failing)
+        run_training(failing, loop_callbacks=kill)
     client = MlflowClient(failing.tracking.tracking_uri)
     (first,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert metric_steps(client, first.info.run_id, "val_acc") == [0]
 
-    again = run_training(failing)  # the marker stops a second failure: resumes at epoch 1
+    again = run_training(failing, loop_callbacks=kill)  # the marker stops a second kill
     assert again.run_id == first.info.run_id
     assert metric_steps(client, again.run_id, "val_acc") == [0, 1, 2]
 

@@ -114,3 +114,36 @@ def test_affine_augmentation_bounds():
         load_config(None, ["data.augment.rotate_degrees=-1", "data.augment.scale=1"])
     assert "data.augment.rotate_degrees" in str(err.value)
     assert "data.augment.scale" in str(err.value)
+
+
+# --- GPU workers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        # Two ranks on one GPU: NCCL refuses them ("Duplicate GPU detected", ray#48012).
+        (["scaling.use_gpu=true", "scaling.num_workers=2", "scaling.gpus_per_worker=0.5"],
+         "scaling.gpus_per_worker"),
+        # use_gpu with no GPU per worker would pick NCCL with no GPU.
+        (["scaling.use_gpu=true", "scaling.gpus_per_worker=0"], "scaling.gpus_per_worker"),
+        (["scaling.use_gpu=true", "scaling.gpus_per_worker=1.5"], "scaling.gpus_per_worker"),
+        (["scaling.backend=nccl"], "scaling.backend"),
+        (["train.sync_bn=true", "scaling.num_workers=2"], "train.sync_bn"),
+    ],
+)  # fmt: skip
+def test_gpu_scaling_that_cannot_work_is_a_config_error_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_gpu_scaling_that_works_validates_and_picks_the_backend():
+    one_shared = load_config(None, ["scaling.use_gpu=true", "scaling.num_workers=1",
+                                    "scaling.gpus_per_worker=0.5"])  # fmt: skip
+    assert one_shared.scaling.resolved_backend() == "nccl"
+    gpus = load_config(None, ["scaling.use_gpu=true", "scaling.num_workers=4",
+                              "train.sync_bn=true", "scaling.timeout_s=600"])  # fmt: skip
+    assert gpus.scaling.resolved_backend() == "nccl" and gpus.scaling.timeout_s == 600
+    assert load_config().scaling.resolved_backend() == "gloo"
+    gloo_on_gpus = load_config(None, ["scaling.use_gpu=true", "scaling.backend=gloo"])
+    assert gloo_on_gpus.scaling.resolved_backend() == "gloo"

@@ -179,3 +179,25 @@ def test_set_temperature_reaches_every_layer_and_sharpens_attention():
     assert (flat - 1 / 3).abs().max() < 0.1  # high temperature: near uniform
     with pytest.raises(ValueError, match="temperature must be > 0"):
         set_temperature(model, 0.0)
+
+
+def test_annealing_the_temperature_does_not_recompile_a_compiled_model():
+    """A Python float temperature is a constant to torch.compile: each new value recompiled
+    (and after 8, torch gave up and ran eagerly). As a buffer it is an input."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(DynamicConv2d(3, 4, 3, padding=1, num_kernels=2), nn.ReLU())
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 8, 8)
+    outputs = []
+    for epoch in range(5):
+        set_temperature(model, temperature_at(epoch, 30.0, 1.0, 4))
+        outputs.append(compiled(x))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["recompiles"])
+    assert not torch.allclose(outputs[0], outputs[-1])  # the temperature still takes effect
+    assert model[0].temperature == 1.0
+    assert "_temperature" not in model.state_dict()  # weights files are unchanged

@@ -338,6 +338,10 @@ def test_the_long_lived_cluster_has_cpu_and_gpu_worker_groups():
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "1"
     assert groups["gpu"]["minReplicas"] == 0  # costs nothing until a job asks for GPUs
+    # Decoding photographs for one modern GPU takes many cores and a large object store.
+    assert int(gpu["limits"]["cpu"]) >= 16
+    (shm,) = [v for v in groups["gpu"]["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["sizeLimit"] == "32Gi"
     assert "nvidia.com/gpu" not in str(groups["cpu"])
 
 

@@ -383,3 +383,48 @@ def test_clip_gradients_returns_the_norm_and_clips():
     norm = clip_gradients(model, 1.0)
     assert float(norm) == pytest.approx(5.0)
     assert float(model.weight.grad.norm()) == pytest.approx(1.0, rel=1e-4)
+
+
+# --- GPU-facing details --------------------------------------------------------------------------
+
+
+def test_soft_target_loss_is_float32_under_bf16_autocast():
+    """MixUp targets such as 1/3 and the log-probabilities must not be rounded to bf16."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 3
+    targets = torch.full((64, 10), 0.0)
+    targets[:, 0], targets[:, 1] = 1 / 3, 2 / 3
+    exact = soft_target_loss(logits, targets, label_smoothing=0.1)
+    got = soft_target_loss(logits.to(torch.bfloat16), targets, label_smoothing=0.1)
+    assert got.dtype == torch.float32
+    # bf16 logits themselves carry ~3 digits; everything after them must be float32.
+    ref = soft_target_loss(logits.to(torch.bfloat16).float(), targets, label_smoothing=0.1)
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    assert float(got) == pytest.approx(float(exact), rel=1e-2)
+
+
+class _CountTorchCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def _ema_calls(depth: int) -> list[str]:
+    model = nn.Sequential(
+        *[nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) for _ in range(depth)]
+    )
+    ema = ModelEma(model, 0.9)
+    ema.update(model)
+    with _CountTorchCalls() as counter:
+        ema.update(model)
+    return counter.calls
+
+
+def test_ema_update_is_a_few_fused_calls_whatever_the_depth():
+    """Per-tensor Python loops launch two kernels per parameter each step on a GPU."""
+    shallow, deep = _ema_calls(2), _ema_calls(20)
+    assert len(shallow) == len(deep) <= 4, deep[:10]

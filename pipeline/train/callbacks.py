@@ -1,0 +1,67 @@
+"""Hooks into the per-worker loop: picklable objects called at each step and each epoch's end.
+
+The loop knows nothing about what a callback does; it calls `on_step` before every optimizer
+step and `on_epoch_end` after every checkpoint report, on every worker. Callbacks travel to the
+workers inside `LoopConfig`, so they must pickle (plain classes at module level do) and import
+nothing heavy at module level.
+
+`KillWorkerOnce` is the fault drill that tests and `make gpu-check` pass in: a real worker
+process dies mid-epoch, once per run, so Ray Train's restart-from-checkpoint path runs for real.
+It is not reachable from the config: production runs never carry it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a worker is: about to take `step` (0-based) of `steps` in `epoch` (0-based), on
+    `rank` of `world`; `last_loss` is the previous step's loss tensor (None at step 0): reading
+    its value waits for the device."""
+
+    epoch: int
+    step: int
+    steps: int
+    rank: int
+    world: int
+    last_loss: Any = None
+
+
+@runtime_checkable
+class LoopCallback(Protocol):
+    def on_step(self, info: StepInfo) -> None: ...
+
+    def on_epoch_end(self, epoch: int, rank: int) -> None: ...
+
+
+class LoopHooks:
+    """Base with no-op hooks: subclass and override what you need."""
+
+    def on_step(self, info: StepInfo) -> None:
+        return None
+
+    def on_epoch_end(self, epoch: int, rank: int) -> None:
+        return None
+
+
+@dataclass
+class KillWorkerOnce(LoopHooks):
+    """The last worker's process exits (os._exit: no exception, no clean-up) halfway through
+    `epoch`, once per run: `marker` (a file path every worker can see) remembers that it did."""
+
+    epoch: int
+    marker: str
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.epoch != self.epoch or info.step != info.steps // 2:
+            return
+        if info.rank != info.world - 1 or os.path.exists(self.marker):
+            return
+        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.marker).write_text(f"worker {info.rank} killed at epoch {info.epoch}\n")
+        os._exit(137)
