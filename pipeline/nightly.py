@@ -343,7 +343,7 @@ def _locked(cfg, client, manifest, name, date, force, on_event, started, lock) -
             NIGHTLY_FORCED_TAG: str(force).lower(),
         },
     )
-    from pipeline.train.trainer import run_link
+    from pipeline.tracking import run_link
 
     experiment_id = mlflow.get_run(report.nightly_run_id).info.experiment_id
     report.nightly_run_url = run_link(strip_credentials(uri), experiment_id, report.nightly_run_id)
@@ -373,7 +373,7 @@ def _locked(cfg, client, manifest, name, date, force, on_event, started, lock) -
 def _retrain(
     cfg, client, manifest, name, champion, report, run_name, force, on_event, lock
 ) -> None:
-    from pipeline.registry import promote
+    from pipeline.registry import promote, register_training
     from pipeline.train.trainer import run_training
 
     digest, shards = (None, None) if champion is None else _champion_data(client, name, champion)
@@ -396,7 +396,7 @@ def _retrain(
         report.data.new_rows,
         report.init,
     )
-    summary = run_training(train_cfg)
+    summary = register_training(train_cfg, run_training(train_cfg, on_event=on_event))
     report.training_run_id = summary.run_id
     report.candidate_version = summary.model_version
     report.metrics = {

@@ -21,7 +21,7 @@ import urllib.request
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import mlflow.data
@@ -31,13 +31,23 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import flatten
+from pipeline.config import PipelineConfig, flatten
 from pipeline.errors import TrackingUnavailable
 from pipeline.storage import mask_credentials
+
+if TYPE_CHECKING:
+    from pipeline.data.shards import Manifest
+
 from pipeline.tags import (
+    COMPLETED_TAG,
     CONFIG_ARTIFACT,
+    CONFIG_DIGEST_TAG,
+    DATASET_DIGEST_TAG,
     GIT_COMMIT_ENV,
+    KIND_TAG,
+    MANIFEST_ARTIFACT,
     MLFLOW_GIT_COMMIT_TAG,
+    RUN_NAME_TAG,
     TEST_METRICS_ARTIFACT,
 )
 
@@ -495,3 +505,75 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # tensors and numpy arrays/scalars
         return value.tolist()
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# The MLflow run of a training run, search or trial
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a user finds a run: its page on a tracking server, or how to browse a local store."""
+    base = tracking_uri.rstrip("/")
+    if base.startswith("http"):
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base} (run {run_id}; browse with `mlflow ui --backend-store-uri {base}`)"
+
+
+def open_mlflow_run(
+    cfg: PipelineConfig,
+    run_name: str,
+    manifest: Manifest,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    texts: dict[str, str] | None = None,
+) -> tuple[str, str, bool]:
+    """Find the MLflow run of `run_name` (to resume) or create it: (run_id, exp_id, completed).
+
+    `tags` are added to the standard ones (a Tune trial adds its parent run and trial id); a
+    `pipeline.kind` tag among them also narrows the search for an existing run. On a run not yet
+    completed, `params` (flat; default: the flattened config), the dataset input, its manifest
+    and `texts` ({artifact path: text}) are logged.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.tracking.resolved_uri()
+    client = MlflowClient(uri)
+    existing = None
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+        if tags and KIND_TAG in tags:
+            query += f" and tags.`{KIND_TAG}` = '{tags[KIND_TAG]}'"
+        found = client.search_runs([exp.experiment_id], query, max_results=1)
+        existing = found[0] if found else None
+    tags = {
+        **standard_tags(),
+        RUN_NAME_TAG: run_name,
+        DATASET_DIGEST_TAG: manifest.digest,
+        CONFIG_DIGEST_TAG: cfg.digest(),
+        **(tags or {}),
+    }
+    run_id = start_or_resume_run(
+        uri,
+        cfg.tracking.experiment,
+        run_id=existing.info.run_id if existing else None,
+        run_name=run_name,
+        tags=tags,
+    )
+    completed = existing is not None and existing.data.tags.get(COMPLETED_TAG) == "true"
+    if not completed:
+        log_params_flat(params if params is not None else cfg.to_dict())
+        log_dataset_input(
+            cfg.data.uri,
+            manifest.digest,
+            manifest.name,
+            num_rows={s: i.rows for s, i in manifest.splits.items()},
+        )
+        # The exact shard list trained on: `pipeline nightly` diffs it against today's data.
+        mlflow.log_dict(manifest.model_dump(mode="json"), MANIFEST_ARTIFACT)
+        for path, text in (texts or {}).items():
+            mlflow.log_text(text, path)
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    mlflow.end_run()  # rank 0 re-opens it; `pipeline.completed` (not the status) marks the end
+    return run_id, experiment_id, completed

@@ -220,6 +220,7 @@ def _metric_history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def check_pipeline(size: Size, work: Path, state: dict[str, Any]) -> dict[str, Any]:
     from pipeline.config import load_config
+    from pipeline.registry import register_training
     from pipeline.train.trainer import run_training
 
     data = _dataset(size, work)
@@ -227,7 +228,7 @@ def check_pipeline(size: Size, work: Path, state: dict[str, Any]) -> dict[str, A
         size, work, data, "pipeline", size.model, "registry.model_name=gpu-check"
     )
     cfg = load_config(None, overrides)
-    summary = run_training(cfg)
+    summary = register_training(cfg, run_training(cfg))
     rates = [v for step, v in _metric_history(cfg, summary.run_id, "images_per_s") if step >= 1]
     rate = statistics.median(rates)
     ceiling = state.get("ceiling", {}).get("images_per_s")

@@ -34,9 +34,12 @@ def train(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     manifest = ensure_dataset(cfg.with_absolute_paths())
     start_local_ray(cfg)  # a local Ray comes up while torch and MLflow import and get checked
     try:
+        from pipeline.registry import register_training
         from pipeline.train.trainer import run_training
 
-        summary = run_training(cfg, console=display.err, manifest=manifest)
+        with display.TrainingDisplay() as live:
+            summary = run_training(cfg, manifest, on_event=live)
+        register_training(cfg, summary)
     finally:
         stop_early_ray()  # only when training never needed it: MLflow down, a finished run
     display.print_training_summary(summary)

@@ -49,6 +49,15 @@ def register_run_model(cfg: PipelineConfig, run_id: str):
     return version
 
 
+def register_training(cfg: PipelineConfig, summary: Any) -> Any:
+    """After `run_training`: register the run's model as a new version of `registry.model_name`
+    when one is configured (and the run logged its model); the summary, with the version."""
+    if cfg.registry.model_name and cfg.tracking.log_model:
+        version = register_run_model(cfg, summary.run_id)
+        summary.model_version, summary.registered_name = str(version.version), version.name
+    return summary
+
+
 def logged_model_uri(client, run, name: str) -> str:
     """`models:/<model id>` of the model `name` that `run` logged (MLflow 3 keeps logged models
     outside the run's artifacts; registering `runs:/<id>/<name>` only warns and resolves to

@@ -1,11 +1,15 @@
-"""Driver side of `pipeline train`: pre-flight checks, Ray, the TorchTrainer, the live display.
+"""Driver side of `pipeline train`: pre-flight checks, Ray, the TorchTrainer, progress events.
 
 Everything that can be checked without a worker is checked first (config, dataset manifest and
-shards, model name, tracking server), so a mistake costs seconds, not a cluster start-up.
+shards, model name, tracking server), so a mistake costs seconds, not a cluster start-up. Rank 0
+sends progress through a Ray queue; the driver turns it into `pipeline.events` for its caller
+(the CLI draws them). Training ends with a finished MLflow run; registering its model is the
+caller's step (`pipeline.registry.register_training`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -17,28 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline import storage as st
 from pipeline.config import PipelineConfig
 from pipeline.data.shards import Manifest
 from pipeline.data.validate import ensure_dataset
 from pipeline.errors import TrainingError, root_cause
-from pipeline.tags import (
-    COMPLETED_TAG,
-    CONFIG_DIGEST_TAG,
-    DATASET_DIGEST_TAG,
-    KIND_TAG,
-    MANIFEST_ARTIFACT,
-    RUN_NAME_TAG,
-)
+from pipeline.events import EventSink, TrainingStarted, event_from_message, ignore
 from pipeline.train.callbacks import LoopCallback
 from pipeline.train.entry import DatasetHandle, LoopConfig, train_loop_per_worker
 from pipeline.train.loop import model_for, per_worker_batch, steps_per_epoch
 from pipeline.train.ray_runtime import init_ray
 
 _IMPORTED_AT = time.time()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,24 +52,16 @@ class TrainingSummary:
 
     @property
     def run_url(self) -> str:
+        from pipeline.tracking import run_link
+
         return run_link(self.tracking_uri, self.experiment_id, self.run_id)
-
-
-def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Where a user finds a run: its page on a tracking server, or how to browse a local store."""
-    base = tracking_uri.rstrip("/")
-    if base.startswith("http"):
-        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{base} (run {run_id}; browse with `mlflow ui --backend-store-uri {base}`)"
 
 
 # ---------------------------------------------------------------------------------------------
 # Pre-flight
 
 
-def preflight(
-    cfg: PipelineConfig, console: Console | None = None, manifest: Manifest | None = None
-) -> Manifest:
+def preflight(cfg: PipelineConfig, manifest: Manifest | None = None) -> Manifest:
     """Every check before a worker starts; `manifest`: the dataset was already checked by
     `ensure_dataset` for this config (its manifest is not read twice)."""
     from pipeline import tracking
@@ -204,130 +192,7 @@ def torch_config(cfg: PipelineConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow run of a training run
-
-
-def open_mlflow_run(
-    cfg: PipelineConfig,
-    run_name: str,
-    manifest: Manifest,
-    tags: dict[str, str] | None = None,
-    params: dict[str, Any] | None = None,
-    texts: dict[str, str] | None = None,
-) -> tuple[str, str, bool]:
-    """Find the MLflow run of `run_name` (to resume) or create it: (run_id, exp_id, completed).
-
-    `tags` are added to the standard ones (a Tune trial adds its parent run and trial id); a
-    `pipeline.kind` tag among them also narrows the search for an existing run. On a run not yet
-    completed, `params` (flat; default: the flattened config), the dataset input, its manifest
-    and `texts` ({artifact path: text}) are logged.
-    """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipeline import tracking
-
-    uri = cfg.tracking.resolved_uri()
-    client = MlflowClient(uri)
-    existing = None
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
-        if tags and KIND_TAG in tags:
-            query += f" and tags.`{KIND_TAG}` = '{tags[KIND_TAG]}'"
-        found = client.search_runs([exp.experiment_id], query, max_results=1)
-        existing = found[0] if found else None
-    tags = {
-        **tracking.standard_tags(),
-        RUN_NAME_TAG: run_name,
-        DATASET_DIGEST_TAG: manifest.digest,
-        CONFIG_DIGEST_TAG: cfg.digest(),
-        **(tags or {}),
-    }
-    run_id = tracking.start_or_resume_run(
-        uri,
-        cfg.tracking.experiment,
-        run_id=existing.info.run_id if existing else None,
-        run_name=run_name,
-        tags=tags,
-    )
-    completed = existing is not None and existing.data.tags.get(COMPLETED_TAG) == "true"
-    if not completed:
-        tracking.log_params_flat(params if params is not None else cfg.to_dict())
-        tracking.log_dataset_input(
-            cfg.data.uri,
-            manifest.digest,
-            manifest.name,
-            num_rows={s: i.rows for s, i in manifest.splits.items()},
-        )
-        # The exact shard list trained on: `pipeline nightly` diffs it against today's data.
-        mlflow.log_dict(manifest.model_dump(mode="json"), MANIFEST_ARTIFACT)
-        for path, text in (texts or {}).items():
-            mlflow.log_text(text, path)
-    experiment_id = mlflow.get_run(run_id).info.experiment_id
-    mlflow.end_run()  # rank 0 re-opens it; `pipeline.completed` (not the status) marks the end
-    return run_id, experiment_id, completed
-
-
-# ---------------------------------------------------------------------------------------------
-# Live display
-
-
-class LiveDisplay:
-    """Epoch lines plus a progress bar, fed by rank 0 through a Ray queue."""
-
-    def __init__(self, console: Console, epochs: int, start_epoch: int = 0) -> None:
-        self.console = console
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            # Every redraw costs driver CPU, which on a small machine is taken from the workers:
-            # an epoch bar needs no more than two a second (rich's default is ten).
-            refresh_per_second=2,
-        )
-        self.epochs = self.progress.add_task(
-            "epochs", total=epochs, completed=start_epoch, status=""
-        )
-        self.steps = self.progress.add_task("steps", total=None, status="starting workers")
-        self.first_step_at: float | None = None
-
-    def handle(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("kind")
-        if kind == "step":
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
-            rate = msg["step"] / max(msg["elapsed"], 1e-9)
-            self.progress.update(
-                self.steps,
-                total=msg["steps"],
-                completed=msg["step"],
-                description=f"epoch {msg['epoch'] + 1}",
-                status=f"loss {msg['loss']:.3f}  {rate:.1f} steps/s",
-            )
-        elif kind == "epoch":
-            self.progress.update(self.epochs, completed=msg["epoch"] + 1)
-            self.console.print(
-                f"epoch {msg['epoch'] + 1:>3}/{msg['epochs']}  "
-                f"train loss {msg['train_loss']:.4f} acc {msg['train_acc']:.4f} | "
-                f"val loss {msg['val_loss']:.4f} acc {msg['val_acc']:.4f} "
-                f"top5 {msg['val_top5']:.4f} | {msg['images_per_s']:,.0f} img/s  "
-                f"{msg['epoch_time_s']:.1f}s  lr {msg['lr']:.4f}",
-                highlight=False,
-            )
-        elif kind == "phase":
-            self.progress.update(self.steps, status=msg["text"])
-
-    def __enter__(self) -> LiveDisplay:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+# Progress: rank 0's queue -> events on the driver's thread
 
 
 def _next_message(progress_queue, timeout: float | None) -> dict[str, Any] | None:
@@ -342,7 +207,8 @@ def _next_message(progress_queue, timeout: float | None) -> dict[str, Any] | Non
         return None
 
 
-def _fit_with_display(trainer, progress_queue, display: LiveDisplay):
+def _fit_with_progress(trainer, progress_queue, on_event: EventSink):
+    """`trainer.fit()` on a thread while this one forwards rank 0's progress to `on_event`."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -351,17 +217,21 @@ def _fit_with_display(trainer, progress_queue, display: LiveDisplay):
         except BaseException as exc:  # re-raised in the caller's thread
             outcome["error"] = exc
 
+    def forward(msg: dict[str, Any]) -> None:
+        event = event_from_message(msg)
+        if event is not None:
+            on_event(event)
+
     thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
     thread.start()
-    with display:
-        # Block on the queue (each wake-up is a round trip to its actor, CPU the workers could
-        # use); once training has ended, drain what is left.
-        while thread.is_alive():
-            msg = _next_message(progress_queue, timeout=1.0)
-            if msg is not None:
-                display.handle(msg)
-        while (msg := _next_message(progress_queue, timeout=None)) is not None:
-            display.handle(msg)
+    # Block on the queue (each wake-up is a round trip to its actor, CPU the workers could use);
+    # once training has ended, drain what is left.
+    while thread.is_alive():
+        msg = _next_message(progress_queue, timeout=1.0)
+        if msg is not None:
+            forward(msg)
+    while (msg := _next_message(progress_queue, timeout=None)) is not None:
+        forward(msg)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -417,29 +287,36 @@ def build_trainer(
 
 def run_training(
     cfg: PipelineConfig,
-    console: Console | None = None,
     manifest: Manifest | None = None,
     *,
+    on_event: EventSink | None = None,
     loop_callbacks: Sequence[LoopCallback] = (),
 ) -> TrainingSummary:
-    """Train `cfg` end to end; `manifest`, when given, is `ensure_dataset`'s for this config;
-    `loop_callbacks` run on the workers (see `pipeline.train.callbacks`)."""
+    """Train `cfg` end to end and return the finished run's summary; `manifest`, when given, is
+    `ensure_dataset`'s for this config; `on_event` gets `TrainingStarted`, then rank 0's
+    `StepProgress`, `EpochEnd` and `Phase` events; `loop_callbacks` run on the workers (see
+    `pipeline.train.callbacks`). The model is not registered here: see
+    `pipeline.registry.register_training`."""
     from mlflow.tracking import MlflowClient
     from ray.util.queue import Queue
 
-    console = console or Console(stderr=True)
+    from pipeline.tracking import open_mlflow_run
+
+    on_event = on_event or ignore
     started = _process_start()
     cfg = cfg.with_absolute_paths()
-    manifest = preflight(cfg, console, manifest)
+    manifest = preflight(cfg, manifest)
     dataset = DatasetHandle.resolve(cfg.data.uri, manifest, cfg.storage)
     startup = {"startup_preflight_s": time.time() - started}
     run_name = cfg.run.name or f"{cfg.tracking.experiment}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_id, experiment_id, completed = open_mlflow_run(cfg, run_name, manifest)
     uri = cfg.tracking.resolved_uri()
     if completed:
-        console.print(
-            f"run {run_name!r} already finished (MLflow run {run_id}); nothing to do. "
-            "Use a new run.name to train again."
+        log.info(
+            "run %r already finished (MLflow run %s); nothing to do. Use a new run.name to "
+            "train again.",
+            run_name,
+            run_id,
         )
     else:
         init_ray(cfg)
@@ -455,13 +332,17 @@ def run_training(
             startup=startup,
             loop_callbacks=loop_callbacks,
         )
-        console.print(
-            f"training {cfg.model.name} on {manifest.name} ({cfg.data.uri}) with "
-            f"{cfg.scaling.num_workers} worker(s), run {run_name!r}"
+        log.info(
+            "training %s on %s (%s) with %d worker(s), run %r",
+            cfg.model.name,
+            manifest.name,
+            cfg.data.uri,
+            cfg.scaling.num_workers,
+            run_name,
         )
-        display = LiveDisplay(console, cfg.train.epochs)
+        on_event(TrainingStarted(run_name, cfg.train.epochs))
         try:
-            result = _fit_with_display(trainer, progress_queue, display)
+            result = _fit_with_progress(trainer, progress_queue, on_event)
         except Exception as exc:
             MlflowClient(uri).set_terminated(run_id, status="FAILED")
             raise TrainingError(f"training run {run_name!r} failed: {root_cause(exc)}") from exc
@@ -499,9 +380,4 @@ def _summary(cfg: PipelineConfig, run_name: str, run_id: str, experiment_id: str
         checkpoint_path=None,
         seconds=seconds,
     )
-    if cfg.registry.model_name and cfg.tracking.log_model:
-        from pipeline.registry import register_run_model
-
-        version = register_run_model(cfg, run_id)
-        summary.model_version, summary.registered_name = str(version.version), version.name
     return summary

@@ -57,7 +57,7 @@ class TuneSummary:
 
     @property
     def run_url(self) -> str:
-        from pipeline.train.trainer import run_link
+        from pipeline.tracking import run_link
 
         return run_link(self.tracking_uri, self.experiment_id, self.parent_run_id)
 

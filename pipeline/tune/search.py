@@ -55,7 +55,8 @@ def _run_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.data.shards import Manifest
-    from pipeline.train.trainer import build_trainer, open_mlflow_run
+    from pipeline.tracking import open_mlflow_run
+    from pipeline.train.trainer import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
@@ -212,7 +213,7 @@ def _concurrency(cfg: PipelineConfig, space: SearchSpace) -> int:
 
 
 def _open_parent(cfg, name: str, space: SearchSpace, manifest) -> tuple[str, str, bool]:
-    from pipeline.train.trainer import open_mlflow_run
+    from pipeline.tracking import open_mlflow_run
 
     # The base config, with each searched field shown as its distribution.
     params = flatten(cfg.to_dict())

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import load_config
 from pipeline.data.sources import WriteOptions, prepare_digits
 from pipeline.errors import TrainingError
+from pipeline.registry import register_training
 from pipeline.train.callbacks import KillWorkerOnce
 from pipeline.train.trainer import run_training
 
@@ -51,6 +52,8 @@ def test_default_config_trains_two_workers_and_records_everything(ray_session, w
     CPU, since another CPU's float rounding takes another trajectory.)"""
     cfg = config(workdir, digits_uri, "run.name=default")
     summary = run_training(cfg)
+    assert summary.model_version is None  # training itself registers nothing
+    register_training(cfg, summary)
     assert summary.metrics["test_acc"] >= 0.95, summary.metrics
     assert summary.model_version == "1" and summary.registered_name == "digits-resnet"
 

@@ -1,4 +1,5 @@
-"""The driver's live display: every progress message is shown, a failed fit is re-raised."""
+"""The driver's progress: every message rank 0 sends reaches the caller as an event (the CLI's
+display draws them), and a failed fit is re-raised."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import time
 import pytest
 from rich.console import Console
 
-from pipeline.train.trainer import LiveDisplay, _fit_with_display
+from pipeline.cli.display import TrainingDisplay
+from pipeline.events import EpochEnd, Phase, TrainingStarted
+from pipeline.train.trainer import _fit_with_progress
 
 
 def _epoch(i: int) -> dict:
@@ -44,22 +47,32 @@ class _Trainer:
         return "result"
 
 
-def _display() -> tuple[LiveDisplay, io.StringIO]:
+def _display() -> tuple[TrainingDisplay, io.StringIO]:
     out = io.StringIO()
-    return LiveDisplay(Console(file=out, width=160), epochs=3), out
+    display = TrainingDisplay(Console(file=out, width=160))
+    display(TrainingStarted("run", epochs=3))
+    return display, out
 
 
-def test_every_message_is_shown_including_those_left_when_training_ends():
+def test_every_message_reaches_the_caller_as_an_event_including_the_last_ones():
+    q: queue.Queue = queue.Queue()
+    events: list = []
+    assert _fit_with_progress(_Trainer(q), q, events.append) == "result"
+    assert q.empty()
+    assert events[0] == Phase("workers up")
+    assert [e.epoch for e in events if isinstance(e, EpochEnd)] == [0, 1, 2]
+
+
+def test_the_display_draws_every_epoch():
     q: queue.Queue = queue.Queue()
     display, out = _display()
-    assert _fit_with_display(_Trainer(q), q, display) == "result"
-    assert q.empty()
+    with display:
+        assert _fit_with_progress(_Trainer(q), q, display) == "result"
     printed = out.getvalue()
     assert [f"epoch {i:>3}/3" in printed for i in (1, 2, 3)] == [True, True, True]
 
 
 def test_a_failed_fit_is_raised_in_the_caller():
     q: queue.Queue = queue.Queue()
-    display, _ = _display()
     with pytest.raises(RuntimeError, match="worker died"):
-        _fit_with_display(_Trainer(q, RuntimeError("worker died")), q, display)
+        _fit_with_progress(_Trainer(q, RuntimeError("worker died")), q, lambda e: None)
