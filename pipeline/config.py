@@ -217,6 +217,12 @@ class ScalingConfig(_Section):
     timeout_s: int = Field(1800, ge=10)
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     num_cpus: int | None = Field(None, ge=1)  # local Ray only
+    # CPUs left free beside the workers for Ray Data's read and decode tasks: with none, reads
+    # never start and the run waits forever. Photographs want several per GPU worker.
+    data_cpus: float = Field(1.0, ge=1)
+    # An autoscaling cluster grows to what a run asks for: the resource check then says what
+    # will be requested instead of refusing a run that does not fit the nodes up now.
+    autoscaling: bool = False
 
     @model_validator(mode="after")
     def _gpu_checks(self) -> ScalingConfig:
@@ -252,6 +258,10 @@ class RunConfig(_Section):
     storage_path: str = "runs"  # checkpoints: local dir or s3://
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
+    # No progress from the workers (no step, epoch or phase) for this long: say what Ray is
+    # waiting for (again every as long), and after `stall_timeout_s` stop the run as FAILED.
+    stall_warn_s: float = Field(120.0, gt=0)
+    stall_timeout_s: float | None = Field(1800.0, gt=0)  # None: warn only, never stop
 
 
 class TrackingConfig(_Section):

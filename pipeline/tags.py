@@ -7,6 +7,7 @@ One place, so that a writer and its readers cannot drift apart. Import-light: no
 KIND_TAG = "pipeline.kind"  # train (untagged), tune (a search's parent run), trial, nightly
 RUN_NAME_TAG = "pipeline.run_name"  # the run.name a training run resumes by
 COMPLETED_TAG = "pipeline.completed"  # set last: the run has test metrics, artifacts and a model
+FAILURE_REASON_TAG = "pipeline.failure_reason"  # why a run ended FAILED or KILLED
 DATASET_DIGEST_TAG = "pipeline.dataset_digest"
 CONFIG_DIGEST_TAG = "pipeline.config_digest"
 GIT_COMMIT_TAG = "git_commit"

@@ -47,7 +47,7 @@ def friendly_errors(fn):
             display.error_line(str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            display.note("interrupted: nothing was committed", "bold red")
+            display.note("interrupted", "bold red")
             raise typer.Exit(130) from None
 
     return wrapper

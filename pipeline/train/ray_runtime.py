@@ -135,7 +135,8 @@ def _init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float =
         workers = concurrent_runs * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         # Ray Data's read and map tasks need a whole free CPU slot beside the training workers.
         held = math.ceil(workers + extra_cpus)
-        num_cpus = cfg.scaling.num_cpus or max(os.cpu_count() or 1, held + 1)
+        data = math.ceil(cfg.scaling.data_cpus)
+        num_cpus = cfg.scaling.num_cpus or max(os.cpu_count() or 1, held + data)
         # Train workers, Ray Data tasks and the coordinating actors start together; the local
         # raylet's default start-up concurrency (= CPUs) warns about it on every run.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * num_cpus))

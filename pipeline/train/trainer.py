@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,11 +25,14 @@ from pipeline.config import PipelineConfig
 from pipeline.data.shards import Manifest
 from pipeline.data.validate import ensure_dataset
 from pipeline.errors import TrainingError, root_cause
-from pipeline.events import EventSink, TrainingStarted, event_from_message, ignore
+from pipeline.events import EventSink, TrainingStarted, ignore
+from pipeline.tags import FAILURE_REASON_TAG
 from pipeline.train.callbacks import LoopCallback
 from pipeline.train.entry import DatasetHandle, LoopConfig, train_loop_per_worker
 from pipeline.train.loop import model_for, per_worker_batch, steps_per_epoch
 from pipeline.train.ray_runtime import init_ray
+from pipeline.train.resources import check_cluster
+from pipeline.train.supervise import Stalled, Stopped, Watch, supervised_fit
 
 _IMPORTED_AT = time.time()
 log = logging.getLogger(__name__)
@@ -191,53 +192,6 @@ def torch_config(cfg: PipelineConfig):
     return TorchConfig(backend=cfg.scaling.resolved_backend(), timeout_s=cfg.scaling.timeout_s)
 
 
-# ---------------------------------------------------------------------------------------------
-# Progress: rank 0's queue -> events on the driver's thread
-
-
-def _next_message(progress_queue, timeout: float | None) -> dict[str, Any] | None:
-    """The next progress message, waiting up to `timeout` s (None: don't wait); None if none."""
-    try:
-        if timeout is None:
-            return progress_queue.get_nowait()
-        return progress_queue.get(timeout=timeout)
-    except (queue.Empty, Exception) as exc:  # ray's queue raises its own Empty
-        if not isinstance(exc, queue.Empty) and type(exc).__name__ != "Empty":
-            raise
-        return None
-
-
-def _fit_with_progress(trainer, progress_queue, on_event: EventSink):
-    """`trainer.fit()` on a thread while this one forwards rank 0's progress to `on_event`."""
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # re-raised in the caller's thread
-            outcome["error"] = exc
-
-    def forward(msg: dict[str, Any]) -> None:
-        event = event_from_message(msg)
-        if event is not None:
-            on_event(event)
-
-    thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
-    thread.start()
-    # Block on the queue (each wake-up is a round trip to its actor, CPU the workers could use);
-    # once training has ended, drain what is left.
-    while thread.is_alive():
-        msg = _next_message(progress_queue, timeout=1.0)
-        if msg is not None:
-            forward(msg)
-    while (msg := _next_message(progress_queue, timeout=None)) is not None:
-        forward(msg)
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
 def build_trainer(
     cfg: PipelineConfig,
     dataset: DatasetHandle | Manifest,
@@ -320,6 +274,11 @@ def run_training(
         )
     else:
         init_ray(cfg)
+        try:
+            check_cluster(cfg)  # a run the cluster cannot hold is refused, not left waiting
+        except TrainingError as exc:
+            _end_run(MlflowClient(uri), run_id, "FAILED", str(exc))
+            raise
         startup["startup_ray_ready_s"] = time.time() - started
         progress_queue = Queue()
         trainer = build_trainer(
@@ -341,15 +300,30 @@ def run_training(
             run_name,
         )
         on_event(TrainingStarted(run_name, cfg.train.epochs))
+        watch = Watch(cfg.run.stall_warn_s, cfg.run.stall_timeout_s)
+        client = MlflowClient(uri)
         try:
-            result = _fit_with_progress(trainer, progress_queue, on_event)
+            result = supervised_fit(trainer, progress_queue, on_event, watch)
+        except Stalled as exc:
+            _end_run(client, run_id, "FAILED", str(exc))
+            raise TrainingError(f"training run {run_name!r} stopped: {exc}") from None
+        except Stopped:
+            _end_run(client, run_id, "KILLED", "stopped by a signal")
+            log.warning("training run %r stopped; MLflow run %s marked KILLED", run_name, run_id)
+            raise
         except Exception as exc:
-            MlflowClient(uri).set_terminated(run_id, status="FAILED")
+            _end_run(client, run_id, "FAILED", root_cause(exc))
             raise TrainingError(f"training run {run_name!r} failed: {root_cause(exc)}") from exc
         if result.error is not None:
-            MlflowClient(uri).set_terminated(run_id, status="FAILED")
+            _end_run(client, run_id, "FAILED", root_cause(result.error))
             raise TrainingError(f"training run {run_name!r} failed: {root_cause(result.error)}")
     return _summary(cfg, run_name, run_id, experiment_id, time.time() - started)
+
+
+def _end_run(client, run_id: str, status: str, reason: str) -> None:
+    """Mark the run ended with `status` and say why (a tag the MLflow UI shows)."""
+    client.set_tag(run_id, FAILURE_REASON_TAG, reason[:5000])
+    client.set_terminated(run_id, status=status)
 
 
 def _process_start() -> float:

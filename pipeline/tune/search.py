@@ -187,27 +187,32 @@ class SearchProgress:
 
 
 def _concurrency(cfg: PipelineConfig, space: SearchSpace) -> int:
-    """Trials at once: as many training runs as the cluster's CPUs (GPUs) hold side by side with
-    one CPU left for Ray Data, or fewer if asked. More would never start, or would leave Ray Data
-    no CPU to read with, and the search would hang."""
-    import ray
+    """Trials at once: as many training runs as the cluster holds side by side with
+    `scaling.data_cpus` left for Ray Data (`pipeline.train.resources`, the rule every run is
+    checked by), or fewer if asked. More would never start, or would leave Ray Data no CPU to
+    read with, and the search would hang."""
+    from pipeline.train.resources import FIXES, Cluster, Needs, problems, runs_that_fit
 
-    resources = ray.cluster_resources()
-    per_trial_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_FN_CPU
-    fits = int((resources.get("CPU", 1) - 1) // per_trial_cpu)
-    if cfg.scaling.use_gpu:
-        per_trial_gpu = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
-        fits = min(fits, int(resources.get("GPU", 0) // per_trial_gpu)) if per_trial_gpu else fits
-    fits = max(1, fits)
+    needs = Needs.of(cfg, extra_cpus=TRIAL_FN_CPU)
+    cluster = Cluster.now()
+    fits = runs_that_fit(needs, cluster)
+    if fits < 1:
+        if not cfg.scaling.autoscaling:
+            raise TuneError(
+                f"one trial does not fit the Ray cluster: {'; '.join(problems(needs, cluster))}. "
+                f"Fix: {FIXES}"
+            )
+        fits = 1  # the autoscaler adds nodes for it
     wanted = space.settings.max_concurrent_trials
     if wanted and wanted > fits:
         log.warning(
             "max_concurrent_trials=%d lowered to %d: the cluster has %g CPUs, each trial's "
-            "workers take %g and Ray Data needs one more",
+            "workers take %g and Ray Data needs %g more",
             wanted,
             fits,
-            resources.get("CPU", 0),
-            per_trial_cpu,
+            cluster.cpus,
+            needs.workers * needs.cpus_per_worker + needs.extra_cpus,
+            needs.data_cpus,
         )
     return min(wanted or fits, fits, space.total_trials())
 

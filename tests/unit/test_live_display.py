@@ -12,7 +12,7 @@ from rich.console import Console
 
 from pipeline.cli.display import TrainingDisplay
 from pipeline.events import EpochEnd, Phase, TrainingStarted
-from pipeline.train.trainer import _fit_with_progress
+from pipeline.train.supervise import Watch, supervised_fit
 
 
 def _epoch(i: int) -> dict:
@@ -29,6 +29,9 @@ def _epoch(i: int) -> dict:
         "epoch_time_s": 0.5,
         "lr": 0.1,
     }
+
+
+QUICK = Watch(poll_s=0.05)
 
 
 class _Trainer:
@@ -57,7 +60,7 @@ def _display() -> tuple[TrainingDisplay, io.StringIO]:
 def test_every_message_reaches_the_caller_as_an_event_including_the_last_ones():
     q: queue.Queue = queue.Queue()
     events: list = []
-    assert _fit_with_progress(_Trainer(q), q, events.append) == "result"
+    assert supervised_fit(_Trainer(q), q, events.append, QUICK) == "result"
     assert q.empty()
     assert events[0] == Phase("workers up")
     assert [e.epoch for e in events if isinstance(e, EpochEnd)] == [0, 1, 2]
@@ -67,7 +70,7 @@ def test_the_display_draws_every_epoch():
     q: queue.Queue = queue.Queue()
     display, out = _display()
     with display:
-        assert _fit_with_progress(_Trainer(q), q, display) == "result"
+        assert supervised_fit(_Trainer(q), q, display, QUICK) == "result"
     printed = out.getvalue()
     assert [f"epoch {i:>3}/3" in printed for i in (1, 2, 3)] == [True, True, True]
 
@@ -75,4 +78,4 @@ def test_the_display_draws_every_epoch():
 def test_a_failed_fit_is_raised_in_the_caller():
     q: queue.Queue = queue.Queue()
     with pytest.raises(RuntimeError, match="worker died"):
-        _fit_with_progress(_Trainer(q, RuntimeError("worker died")), q, lambda e: None)
+        supervised_fit(_Trainer(q, RuntimeError("worker died")), q, lambda e: None, QUICK)

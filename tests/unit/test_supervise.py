@@ -1,0 +1,67 @@
+"""The driver's watchdog and stop: a fit that makes no progress is reported and then aborted
+with the reason; SIGTERM aborts it as a stop; the process's signal handlers are restored."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+
+import pytest
+
+from pipeline.train.supervise import Stalled, Stopped, Watch, supervised_fit
+
+
+class Hangs:
+    """A fit whose workers never report: it waits until interrupted (as Ray's abort does)."""
+
+    def __init__(self, send_sigterm_after: float | None = None) -> None:
+        self.send_sigterm_after = send_sigterm_after
+
+    def fit(self):
+        if self.send_sigterm_after is not None:
+            pid = os.getpid()
+            timer = threading.Timer(self.send_sigterm_after, os.kill, (pid, signal.SIGTERM))
+            timer.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise AssertionError("the fit was never aborted")
+
+
+def test_a_stalled_fit_is_reported_then_aborted_with_the_reason(caplog):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    watch = Watch(warn_after_s=0.3, fail_after_s=1.0, poll_s=0.05)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(Stalled) as info:
+        supervised_fit(Hangs(), queue.Queue(), lambda e: None, watch)
+    assert time.monotonic() - started < 10
+    assert "no progress from the workers" in str(info.value)
+    assert "run.stall_timeout_s=1" in str(info.value)
+    assert "no progress from the workers for" in caplog.text  # the warning came first
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_sigterm_stops_the_fit_cleanly():
+    watch = Watch(warn_after_s=30, fail_after_s=None, poll_s=0.05)
+    with pytest.raises(Stopped):
+        supervised_fit(Hangs(send_sigterm_after=0.3), queue.Queue(), lambda e: None, watch)
+
+
+def test_progress_keeps_the_watchdog_quiet():
+    q: queue.Queue = queue.Queue()
+
+    class Busy:
+        def fit(self):
+            for i in range(20):
+                q.put({"kind": "phase", "text": f"step {i}"})
+                time.sleep(0.05)
+            return "result"
+
+    events: list = []
+    watch = Watch(warn_after_s=0.3, fail_after_s=0.5, poll_s=0.02)
+    assert supervised_fit(Busy(), q, events.append, watch) == "result"
+    assert len(events) == 20
