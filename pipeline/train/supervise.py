@@ -21,6 +21,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +87,9 @@ def _next_message(progress_queue, timeout: float | None) -> dict[str, Any] | Non
 
 
 class _Supervisor:
-    def __init__(self, progress_queue, on_event: EventSink, watch: Watch) -> None:
+    def __init__(self, progress_queue, on_event: EventSink, watch: Watch, on_stop=None) -> None:
         self.queue, self.on_event, self.watch = progress_queue, on_event, watch
+        self.on_stop = on_stop
         self.done = threading.Event()
         self.stalled: str | None = None
         self.stopped = False
@@ -133,6 +135,11 @@ class _Supervisor:
     def on_sigterm(self, signum, frame) -> None:
         self.stopped = True
         log.warning("stop requested (signal %d): aborting the run", signum)
+        if self.on_stop is not None:  # first: a job's driver is killed a few seconds after
+            try:
+                self.on_stop()
+            except Exception as exc:
+                log.warning("could not record the stop: %s", exc)
         signal.raise_signal(signal.SIGINT)
 
 
@@ -152,12 +159,19 @@ def _aborted(error: BaseException | None) -> bool:
     )
 
 
-def supervised_fit(trainer, progress_queue, on_event: EventSink, watch: Watch | None = None):
-    """`trainer.fit()` under supervision (see the module docstring); its Result.
+def supervised_fit(
+    trainer,
+    progress_queue,
+    on_event: EventSink,
+    watch: Watch | None = None,
+    on_stop: Callable[[], None] | None = None,
+):
+    """`trainer.fit()` under supervision (see the module docstring); its Result. `on_stop`
+    runs first thing on a SIGTERM (the caller records the stop before anything else).
 
     Raises `Stalled` after the stall timeout, `Stopped` after a SIGTERM or Ctrl-C, and what
     `fit` raised otherwise."""
-    sup = _Supervisor(progress_queue, on_event, watch or Watch())
+    sup = _Supervisor(progress_queue, on_event, watch or Watch(), on_stop)
     reader = threading.Thread(target=sup.run, name="trainer-progress", daemon=True)
     saved = {}
     if sup.can_abort:

@@ -303,7 +303,13 @@ def run_training(
         watch = Watch(cfg.run.stall_warn_s, cfg.run.stall_timeout_s)
         client = MlflowClient(uri)
         try:
-            result = supervised_fit(trainer, progress_queue, on_event, watch)
+            result = supervised_fit(
+                trainer,
+                progress_queue,
+                on_event,
+                watch,
+                on_stop=lambda: _end_run(client, run_id, "KILLED", "stopped by a signal"),
+            )
         except Stalled as exc:
             _end_run(client, run_id, "FAILED", str(exc))
             raise TrainingError(f"training run {run_name!r} stopped: {exc}") from None

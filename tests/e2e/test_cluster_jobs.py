@@ -354,3 +354,116 @@ def test_stopped_job_reports_stopped(ray_cluster, tmp_path):
         "jobs", "stop", "raysubmit_nosuchjob", "--address", ray_cluster.address, cwd=tmp_path
     )
     assert unknown.returncode == 2 and "raysubmit_nosuchjob" in unknown.stderr, unknown.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Never hang in silence: resources, stalls, stops
+
+
+def _job_log(ray_cluster, job_id: str) -> str:
+    return cluster.job_logs(cluster.connect(ray_cluster.address), job_id)
+
+
+@pytest.mark.slow
+def test_a_run_the_cluster_cannot_hold_is_refused_at_once(ray_cluster, tmp_path):
+    # 3 workers x 1 CPU + 1 for Ray Data on a 3-CPU cluster: it would wait forever.
+    job = digits_job(tmp_path, "scaling.num_workers=3")
+    result = pipeline(
+        "submit", "train", *job, "--address", ray_cluster.address, "--wait", cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and "FAILED" in result.stderr, result.stderr
+    assert "does not fit the Ray cluster: needs 4 CPUs: 3 worker(s) x 1 + 1 for data" in (
+        result.stdout
+    ), result.stdout[-3000:]
+    assert "the cluster has 3" in result.stdout and "Traceback" not in result.stdout
+
+
+def _hold_cpus(address: str, cpus: int) -> str:
+    """Another job that takes `cpus` CPUs of the cluster and keeps them: a busy shared cluster."""
+    from ray.job_submission import JobSubmissionClient
+
+    script = (
+        "import ray, time\n"
+        "ray.init()\n"
+        "@ray.remote(num_cpus=1)\n"
+        "class Hold:\n"
+        "    def ping(self): return 1\n"
+        f"held = [Hold.remote() for _ in range({cpus})]\n"
+        "ray.get([h.ping.remote() for h in held])\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=f"python -c {json.dumps(script)}")
+    deadline = time.monotonic() + 180
+    while "holding" not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)
+        time.sleep(1)
+    return job_id
+
+
+@pytest.mark.slow
+def test_a_stall_nobody_could_foresee_is_reported_and_fails_the_run(ray_cluster, tmp_path):
+    """The cluster holds the run on paper (1 worker + 1 data CPU of 3) but another job holds
+    2 CPUs: the workers cannot be placed. The driver says what Ray waits for, then gives up."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tags import FAILURE_REASON_TAG
+
+    holder = _hold_cpus(ray_cluster.address, 2)
+    try:
+        name = f"stall-{uuid.uuid4().hex[:6]}"
+        job = digits_job(
+            tmp_path, f"run.name={name}", "run.stall_warn_s=10", "run.stall_timeout_s=30"
+        )
+        result = pipeline(
+            "submit", "train", *job, "--address", ray_cluster.address, "--wait", cwd=tmp_path,
+            timeout=400,
+        )  # fmt: skip
+    finally:
+        cluster.stop_job(cluster.connect(ray_cluster.address), holder)
+    assert result.returncode == 1 and "FAILED" in result.stderr, result.stderr
+    log = result.stdout
+    assert "no progress from the workers for" in log and "waiting for:" in log, log[-3000:]
+    assert "is pending" in log and "run.stall_timeout_s=30" in log
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("digits").experiment_id],
+        f"tags.`pipeline.run_name` = '{name}'",
+    )
+    assert run.info.status == "FAILED"
+    assert "no progress from the workers" in run.data.tags[FAILURE_REASON_TAG]
+
+
+@pytest.mark.slow
+def test_a_stopped_run_is_killed_cleanly(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name = f"stop-{uuid.uuid4().hex[:6]}"
+    job = digits_job(tmp_path, f"run.name={name}", "train.epochs=60")
+    submitted = pipeline("submit", "train", *job, "--address", ray_cluster.address, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    deadline = time.monotonic() + 240
+    while "epoch   1/60" not in _job_log(ray_cluster, job_id):
+        assert time.monotonic() < deadline, _job_log(ray_cluster, job_id)[-3000:]
+        time.sleep(1)
+    stopped = pipeline("jobs", "stop", job_id, "--address", ray_cluster.address, cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    followed = pipeline(
+        "jobs", "logs", job_id, "--follow", "--address", ray_cluster.address, cwd=tmp_path
+    )
+    assert "STOPPED" in followed.stderr, followed.stderr
+    assert "Traceback" not in followed.stdout, followed.stdout[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deadline = time.monotonic() + 60
+    while True:
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("digits").experiment_id],
+            f"tags.`pipeline.run_name` = '{name}'",
+        )
+        if run.info.status != "RUNNING" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert run.info.status == "KILLED"
