@@ -418,10 +418,10 @@ def test_a_renewed_lease_holds_whatever_its_holders_clock_says(client, cfg, runs
         beat = 0
         while not stop.is_set():
             beat += 1
-            lease = {"token": "other", "host": "far", "pid": 9, "beat": beat, "ttl_s": 0.6}
-            lease["expires"] = time.time() - 3600 + 0.6  # its clock is an hour behind ours
+            lease = {"token": "other", "host": "far", "pid": 9, "beat": beat, "ttl_s": 2.0}
+            lease["expires"] = time.time() - 3600 + 2.0  # its clock is an hour behind ours
             client.set_registered_model_tag(name, PROMOTION_LOCK_TAG, json.dumps(lease))
-            stop.wait(0.15)
+            stop.wait(0.2)
 
     thread = threading.Thread(target=holder_elsewhere, daemon=True)
     thread.start()
@@ -429,14 +429,14 @@ def test_a_renewed_lease_holds_whatever_its_holders_clock_says(client, cfg, runs
         time.sleep(0.3)
         with (
             pytest.raises(RegistryError, match="holds the lock"),
-            PromotionLock(client, name, LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=2.0)),
+            PromotionLock(client, name, LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=4.0)),
         ):
             pass
     finally:
         stop.set()
         thread.join()
     # Its holder gone, the same lease is free one ttl later.
-    with PromotionLock(client, name, LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=10.0)):
+    with PromotionLock(client, name, LockSettings(settle_s=1.0, poll_s=0.1, timeout_s=60.0)):
         assert json.loads(client.get_registered_model(name).tags[PROMOTION_LOCK_TAG])["token"] != (
             "other"
         )
