@@ -455,7 +455,7 @@ def test_a_malformed_lease_tag_is_taken_over_with_a_warning(client, cfg, runs, g
 def test_a_lease_not_renewed_for_its_ttl_is_lost(client, cfg, runs, monkeypatch):
     """MLflow unreachable for longer than the lease: the holder must not act on it any more."""
     name, _ = registered(cfg, runs, "weak")
-    settings = LockSettings(ttl_s=0.9, settle_s=0.3, poll_s=0.1, timeout_s=10.0)
+    settings = LockSettings(ttl_s=0.9, settle_s=1.0, poll_s=0.1, timeout_s=60.0)
     with PromotionLock(client, name, settings) as held:
         held.ensure_held()
 
