@@ -106,6 +106,31 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
     return h, w
 
 
+def _import_images(run, source: str, o: dict) -> None:
+    """The body both image importers share: `o` is the command's options, by name."""
+    from pipeline.data.photos import ImportOptions
+
+    images = ImportOptions(
+        workers=o["workers"], skip_bad=o["skip_bad"], max_side=o["max_side"], quality=o["quality"]
+    )
+    with display.WriteProgressBar() as bar:
+        opts = _write_options(
+            o["out_uri"], o["endpoint_url"], o["shard_rows"], o["shard_mb"], o["overwrite"],
+            o["encoding"], bar,
+        )  # fmt: skip
+        manifest = run(
+            source,
+            opts,
+            size=_parse_size(o["size"]),
+            grayscale=o["grayscale"],
+            val_fraction=o["val_fraction"],
+            test_fraction=o["test_fraction"],
+            seed=o["seed"],
+            images=images,
+        )
+    _print_written(manifest, o["out_uri"])
+
+
 @import_app.command("image-folder")
 @friendly_errors
 def import_image_folder(
@@ -130,23 +155,9 @@ def import_image_folder(
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Import a class-per-subfolder tree of images on every core (memory stays bounded)."""
-    from pipeline.data.photos import ImportOptions
     from pipeline.data.sources import import_image_folder as run
 
-    images = ImportOptions(workers=workers, skip_bad=skip_bad, max_side=max_side, quality=quality)
-    with display.WriteProgressBar() as bar:
-        opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding, bar)
-        manifest = run(
-            src,
-            opts,
-            size=_parse_size(size),
-            grayscale=grayscale,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            images=images,
-        )
-    _print_written(manifest, out_uri)
+    _import_images(run, src, locals())
 
 
 @import_app.command("listing")
@@ -176,23 +187,9 @@ def import_listing(
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Import the images a CSV or JSONL listing names, with their labels."""
-    from pipeline.data.photos import ImportOptions
     from pipeline.data.sources import import_listing as run
 
-    images = ImportOptions(workers=workers, skip_bad=skip_bad, max_side=max_side, quality=quality)
-    with display.WriteProgressBar() as bar:
-        opts = _write_options(out_uri, endpoint_url, shard_rows, shard_mb, overwrite, encoding, bar)
-        manifest = run(
-            listing,
-            opts,
-            size=_parse_size(size),
-            grayscale=grayscale,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            images=images,
-        )
-    _print_written(manifest, out_uri)
+    _import_images(run, listing, locals())
 
 
 @import_app.command("numpy")
