@@ -40,7 +40,7 @@ def _print_written(manifest, uri: str) -> None:
     shards = sum(len(i.shards) for i in manifest.splits.values())
     display.plain(f"wrote {uri}: {counts} rows in {shards} shard(s); digest {manifest.digest[:12]}")
     imported = manifest.imported
-    if imported is not None and imported.reencoded:
+    if imported is not None and imported.reencoded and manifest.image.encoding == "jpeg":
         display.plain(f"  re-encoded {imported.reencoded} image(s) (CMYK, rotation or --max-side)")
     if imported is not None and imported.skipped:
         display.note(
