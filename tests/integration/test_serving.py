@@ -197,10 +197,8 @@ def test_unknown_model_alias_and_unreachable_server_are_clear_errors(env, champi
     with pytest.raises(ValueError, match=r"no version or alias 'nope'.*champion->v"):
         load(f"models:/{champion['name']}@nope")
     dead = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=dead):
         load(champion["uri"], tracking_uri=dead, timeout_s=1.0)
-    assert time.monotonic() - started < 30
 
 
 # --- pull -----------------------------------------------------------------------------------------
