@@ -19,6 +19,8 @@ from pipeline.config import StorageConfig
 from pipeline.data.shards import SCHEMA, dataset_digest, decode_images, read_manifest, read_shard
 from pipeline.storage import resolve
 
+pytestmark = pytest.mark.quick
+
 runner = CliRunner()
 
 

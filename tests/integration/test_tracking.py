@@ -30,6 +30,8 @@ from pipeline.tracking import (
     start_or_resume_run,
 )
 
+pytestmark = pytest.mark.quick
+
 HISTORY = [
     {"epoch": 0, "train_loss": 2.0, "train_acc": 0.3, "val_loss": 1.8, "val_acc": 0.4},
     {"epoch": 1, "train_loss": 1.2, "train_acc": 0.6, "val_loss": 1.1, "val_acc": 0.7},

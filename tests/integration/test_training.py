@@ -42,6 +42,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.timeout(1800)  # 40 epochs on 2 workers: ~1-2 min alone, more on a shared machine
 def test_default_config_trains_two_workers_and_records_everything(
     ray_session, workdir, digits_uri, monkeypatch
 ):
