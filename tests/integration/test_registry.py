@@ -319,30 +319,44 @@ def test_rollback_returns_to_previous_champion_and_keeps_it_out(client, cfg, run
 # --- concurrency ----------------------------------------------------------------------------------
 
 
-def test_two_concurrent_promotions_end_on_the_better_model(env, client, cfg, runs):
-    """Two nightly jobs at once, as separate processes: the champion ends on the better model.
-
-    Each process waits between its decision and its alias write (the worse one longer), so
-    unserialised both decide against the weak champion and the worse one writes last.
-    """
-    name, v = registered(cfg, runs, "weak", "medium", "strong")
-    promote(client, name, candidate=v["weak"], lock=FAST_LOCK)
+def _race(env, name: str, v: dict[str, str], *, without_lock: bool) -> dict[str, dict]:
+    """Two promotions as separate processes, medium and strong against a weak champion. Both
+    evaluate, then reach the alias write; the medium one holds its write until the strong one
+    has written (or 15 s passed). Unserialised, both decide against the weak champion and the
+    worse one writes last. Returns each process's decision and the champion writes it made."""
     ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
+    barrier, results, strong_wrote = ctx.Barrier(2), ctx.Queue(), ctx.Event()
     procs = [
-        ctx.Process(target=_promote_in_child, args=(env.uri, name, v[q], delay, barrier, results))
-        for q, delay in (("medium", 3.0), ("strong", 0.5))
+        ctx.Process(
+            target=_promote_in_child,
+            args=(env.uri, name, v[q], q, strong_wrote, barrier, results, without_lock),
+        )
+        for q in ("medium", "strong")
     ]
     for p in procs:
         p.start()
-    decisions = {d["candidate"]["version"]: d for d in (results.get(timeout=240) for _ in procs)}
+    outcomes = {}
+    for _ in procs:
+        role, decision, writes = results.get(timeout=240)
+        outcomes[role] = {"decision": decision, "writes": writes}
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    medium, strong = decisions[v["medium"]], decisions[v["strong"]]
+    return outcomes
+
+
+def test_two_concurrent_promotions_end_on_the_better_model(env, client, cfg, runs):
+    """Two nightly jobs at once: the promotion lock serialises them, so the champion ends on the
+    better model whatever the timing (the control test below shows this race loses without it)."""
+    name, v = registered(cfg, runs, "weak", "medium", "strong")
+    promote(client, name, candidate=v["weak"], lock=FAST_LOCK)
+    outcomes = _race(env, name, v, without_lock=False)
+    medium, strong = outcomes["medium"]["decision"], outcomes["strong"]["decision"]
 
     assert aliases(client, name)[CHAMPION] == v["strong"]
-    assert strong["acted"]
+    assert strong["acted"] and outcomes["strong"]["writes"] == [v["strong"]]
+    # The hook really sat on the alias write: every process that acted went through it.
+    assert bool(outcomes["medium"]["writes"]) == medium["acted"]
     # Serialised: whoever went second compared against what the first had just made champion.
     if medium["acted"]:
         assert strong["champion"]["version"] == v["medium"]
@@ -350,19 +364,49 @@ def test_two_concurrent_promotions_end_on_the_better_model(env, client, cfg, run
         assert medium["champion"]["version"] == v["strong"]
 
 
-def _promote_in_child(uri, name, version, delay_s, barrier, results) -> None:
+def test_without_the_lock_the_same_race_ends_on_the_worse_model(env, client, cfg, runs):
+    """Control for the test above: with PromotionLock replaced by a no-op, the same two
+    processes both decide against the weak champion and the worse one writes last. If this
+    stops failing the race (a renamed lock, a moved alias write), the test above proves nothing."""
+    name, v = registered(cfg, runs, "weak", "medium", "strong")
+    promote(client, name, candidate=v["weak"], lock=FAST_LOCK)
+    outcomes = _race(env, name, v, without_lock=True)
+    for role in ("medium", "strong"):
+        assert outcomes[role]["decision"]["champion"]["version"] == v["weak"], role
+        assert outcomes[role]["decision"]["acted"], role
+    assert aliases(client, name)[CHAMPION] == v["medium"]
+
+
+def _promote_in_child(uri, name, version, role, strong_wrote, barrier, results, no_lock) -> None:
+    import contextlib
+
     import pipeline.registry as registry
 
-    move = registry._move_champion
+    writes: list[str] = []
+    original = MlflowClient.set_registered_model_alias
 
-    def slow_move(*args, **kwargs):
-        time.sleep(delay_s)
-        return move(*args, **kwargs)
+    def hooked_write(self, model_name, alias, alias_version):
+        if alias == CHAMPION and role == "medium":
+            strong_wrote.wait(15)
+        original(self, model_name, alias, alias_version)
+        if alias == CHAMPION:
+            writes.append(str(alias_version))
+            if role == "strong":
+                strong_wrote.set()
 
-    registry._move_champion = slow_move
+    MlflowClient.set_registered_model_alias = hooked_write
+    if no_lock:
+
+        class NoLock:
+            def ensure_held(self) -> None:
+                pass
+
+        assert hasattr(registry, "PromotionLock")
+        registry.PromotionLock = lambda *a, **k: contextlib.nullcontext(NoLock())
     client = connect(uri)
     barrier.wait(120)
-    results.put(promote(client, name, candidate=version, lock=FAST_LOCK).to_dict())
+    decision = promote(client, name, candidate=version, lock=FAST_LOCK).to_dict()
+    results.put((role, decision, writes))
 
 
 def _hold_lock(uri: str, name: str, log: str, hold_s: float) -> None:
@@ -502,7 +546,6 @@ def test_unreachable_server_fails_fast_naming_the_uri(env):
     from tests.conftest import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     result = subprocess.run(
         [PIPELINE, "promote", "any", "--tracking-uri", dead, "--set", "tracking.timeout_s=2"],
         capture_output=True,
@@ -511,4 +554,3 @@ def test_unreachable_server_fails_fast_naming_the_uri(env):
         env={**os.environ, "MLFLOW_TRACKING_URI": ""},
     )
     assert result.returncode == 2 and dead in result.stderr and "Traceback" not in result.stderr
-    assert time.monotonic() - started < 60
