@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every unit test is `quick` (`make test-fast` runs `-m quick`); integration modules that
+    need no Ray training mark themselves."""
+    unit = REPO / "tests" / "unit"
+    for item in items:
+        if Path(item.fspath).is_relative_to(unit):
+            item.add_marker(pytest.mark.quick)
+
+
 def free_port() -> int:
     """A port nothing listens on right now. Another process may take it before our server binds
     it: `start_on_free_port` checks who got it and retries."""
@@ -248,6 +257,9 @@ def ray_session(moto):
         for name, value in moto.env().items():
             mp.setenv(name, value)
         mp.delenv("AWS_PROFILE", raising=False)
+        # The node's address: 127.0.0.1, not the machine's outward interface (Ray picks that on
+        # Linux; on macOS/Windows it uses loopback). Tests talk to 127.0.0.1 only.
+        mp.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", False)
         # 4 CPU slots (not cores): two 1-worker Tune trials side by side plus one for Ray Data.
         init_ray(load_config(None, ["scaling.num_cpus=4"]))
     yield
@@ -471,3 +483,70 @@ def postgres_server() -> Iterator[PostgresServer]:
             except (RuntimeError, subprocess.TimeoutExpired):
                 pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- one model trained the way a user trains it -----------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    """A model trained once per session by `pipeline train` (in-process, on the session's Ray)
+    and registered on the session's tracking server. Tests may promote it; tests that tamper
+    with a model make their own."""
+
+    name: str  # registered model name (unique to the session)
+    version: str
+    run_id: str
+    tracking_uri: str
+    data_uri: str
+    overrides: list[str]  # the --set values it was trained with
+    output: str  # what `pipeline train` printed
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_session, mlflow_server, digits_uri, tmp_path_factory) -> TrainedModel:
+    """`pipeline train --config jobs/configs/digits.yaml` for 3 epochs on one worker (the main
+    recipe otherwise: 16x16 ResNet-20, augmentation), registered under a fresh name. Registry,
+    serving, pull and README-promise tests use it instead of hand-built runs."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "cwd").mkdir()
+    name = f"trained-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        f"data.uri={digits_uri}",
+        "data.prepare=",
+        f"run.storage_path={root / 'runs'}",
+        f"tracking.tracking_uri={mlflow_server.uri}",
+        "tracking.experiment=trained-model",
+        f"run.name={name}",
+        "train.epochs=3",
+        "scaling.num_workers=1",
+        f"registry.model_name={name}",
+    ]
+    args = ["train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml")]
+    for value in overrides:
+        args += ["--set", value]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root / "cwd")
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    (version,) = MlflowClient(mlflow_server.uri).search_model_versions(f"name = '{name}'")
+    return TrainedModel(
+        name=name,
+        version=str(version.version),
+        run_id=version.run_id,
+        tracking_uri=mlflow_server.uri,
+        data_uri=digits_uri,
+        overrides=overrides,
+        output=result.output,
+    )
