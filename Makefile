@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch first, pinned, so pip takes the local wheels and never a multi-GB download.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train test lint format bench mlflow clean-venv gpu-check gpu-wheels
+.PHONY: train test test-fast lint format bench mlflow clean-venv gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(BIN)/pipeline train --config jobs/configs/digits.yaml
 
+# The whole suite (CI: .ci/run), with the 25 slowest tests and fixtures listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
+
+# The inner loop: tests marked `quick` (every unit test, and integration tests without Ray).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m quick --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -32,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineConfig, flatten
-from pipeline.errors import TrackingUnavailable
+from pipeline.errors import ConfigError, TrackingUnavailable
 from pipeline.storage import mask_credentials
 
 if TYPE_CHECKING:
@@ -135,13 +136,15 @@ def start_or_resume_run(
 ) -> str:
     """Make a run active and return its id: a new one, or `run_id` again after a restart.
 
-    The experiment is created when missing (with `artifact_location` if given, else the
-    server's default). A restarted worker passes the run id kept in its checkpoint, so the
-    whole training shows up as one MLflow run.
+    The experiment is created when missing (with `artifact_location` if given; for a SQLite
+    store, next to its database: see `default_artifact_location`; else the server's default).
+    A restarted worker passes the run id kept in its checkpoint, so the whole training shows up
+    as one MLflow run.
     """
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment_id = _experiment_id(client, experiment, artifact_location)
+    location = artifact_location or default_artifact_location(uri, experiment)
+    experiment_id = _experiment_id(client, experiment, location)
     active = mlflow.active_run()
     if active is not None:
         if run_id is not None and active.info.run_id == run_id:
@@ -159,11 +162,26 @@ def start_or_resume_run(
     return run_id
 
 
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment in a SQLite store keeps its artifacts: `mlartifacts/<experiment>`
+    beside the database (`sqlite:///x/mlflow.db` -> `x/mlartifacts/...`), as `make mlflow`'s
+    server does. MLflow's own default is `./mlruns` in whatever directory the process runs in,
+    which scatters artifacts over the caller's working directories. None for other stores: a
+    server chooses its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip(".") or "experiment"
+    return (Path(db).expanduser().resolve().parent / "mlartifacts" / folder).as_uri()
+
+
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
-            raise MlflowException(
+            raise ConfigError(
                 f"MLflow experiment {name!r} is deleted; restore it in the UI "
                 f"(or `mlflow experiments restore`) or set tracking.experiment to another name"
             )

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,22 +23,121 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every unit test is `quick` (`make test-fast` runs `-m quick`); integration modules that
+    need no Ray training mark themselves."""
+    unit = REPO / "tests" / "unit"
+    for item in items:
+        if Path(item.fspath).is_relative_to(unit):
+            item.add_marker(pytest.mark.quick)
+
+
 def free_port() -> int:
+    """A port nothing listens on right now. Another process may take it before our server binds
+    it: `start_on_free_port` checks who got it and retries."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+class PortTaken(RuntimeError):
+    """Our server did not get its port (another process took it first, or it exited)."""
+
+
+def _listening_inodes(port: int) -> set[int]:
+    """Socket inodes in LISTEN state on `port` (any address), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def _process_tree(pid: int) -> set[int]:
+    """`pid` and all its descendants (servers fork workers that hold the socket)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    tree, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            tree.add(child)
+            todo.append(child)
+    return tree
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listener_of(port: int, pids: set[int]) -> bool | None:
+    """Whether the LISTEN socket on `port` belongs to one of `pids`: None when nothing listens,
+    False when another process does."""
+    listening = _listening_inodes(port)
+    if not listening:
+        return None
+    return bool(listening & set().union(*(_socket_inodes(p) for p in pids)))
+
+
+def wait_until_listening(proc: subprocess.Popen, port: int, timeout: float = 60.0) -> None:
+    """Until `proc` (or a process it started) listens on `port`: readiness that checks it is our
+    server answering, not whichever process took the port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            raise PortTaken(f"server exited with code {proc.returncode} before listening on {port}")
+        owner = listener_of(port, _process_tree(proc.pid))
+        if owner:
+            return
+        if owner is False:
+            raise PortTaken(f"another process listens on 127.0.0.1:{port}")
         time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise RuntimeError(f"our server does not listen on 127.0.0.1:{port} after {timeout}s")
+
+
+def start_on_free_port(
+    launch: Callable[[int], subprocess.Popen],
+    ready: Callable[[subprocess.Popen, int], None],
+    timeout: float = 180.0,
+) -> tuple[subprocess.Popen, int]:
+    """Start a server on a free port and wait until `ready`; when another process took the port
+    in between (the suite shares its machine), stop ours and try another port."""
+    for _ in range(3):
+        port = free_port()
+        proc = launch(port)
+        try:
+            wait_until_listening(proc, port, timeout)
+            ready(proc, port)
+            return proc, port
+        except PortTaken:
+            stop(proc)
+        except BaseException:
+            stop(proc)
+            raise
+    raise RuntimeError("three free ports were taken before our server could bind them")
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
@@ -52,16 +151,18 @@ def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
 
 
 def start_moto(log: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    wait_for_port(port, proc)
+
+    def launch(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    proc, port = start_on_free_port(launch, lambda proc, port: None)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -69,32 +170,48 @@ def start_moto(log: Path, extra_env: dict[str, str] | None = None) -> tuple[subp
 class S3Server:
     endpoint: str
 
+    def env(self) -> dict[str, str]:
+        """What a test talking to this server sets (the `s3_server` fixture does, per test)."""
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
     def new_bucket(self) -> str:
         import boto3
 
         name = f"test-{uuid.uuid4().hex[:10]}"
-        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(
-            Bucket=name
-        )
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=name)
         return name
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[S3Server]:
-    """moto's standalone S3 server as a subprocess, reached over HTTP by boto3 and pyarrow."""
+def moto(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's standalone S3 server as a subprocess, once per session; sets no environment."""
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     proc, endpoint = start_moto(log)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.delenv("AWS_PROFILE", raising=False)
-    mp.setenv("AWS_ENDPOINT_URL", endpoint)
     try:
         yield S3Server(endpoint)
     finally:
-        mp.undo()
         stop(proc)
+
+
+@pytest.fixture
+def s3_server(moto, monkeypatch) -> S3Server:
+    """The moto server, with AWS_* pointing at it for this test only (restored afterwards, so
+    no later test sees credentials or an endpoint it did not ask for)."""
+    for name, value in moto.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto
 
 
 @pytest.fixture(scope="session")
@@ -125,18 +242,26 @@ def digits_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
+def ray_session(moto):
     """One local Ray for the whole test session (its daemons cost a share of 2 cores).
 
-    Started after the S3 test server so that workers inherit its endpoint and credentials.
+    Ray's daemons start with the S3 test server's AWS_* set, so that workers reach it; the
+    variables are set only while Ray starts, and this process's environment is restored.
     """
     import ray
 
     from pipeline.config import load_config
     from pipeline.train.ray_runtime import init_ray
 
-    # 4 CPU slots (not cores): two 1-worker Tune trials side by side plus one for Ray Data.
-    init_ray(load_config(None, ["scaling.num_cpus=4"]))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in moto.env().items():
+            mp.setenv(name, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        # The node's address: 127.0.0.1, not the machine's outward interface (Ray picks that on
+        # Linux; on macOS/Windows it uses loopback). Tests talk to 127.0.0.1 only.
+        mp.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", False)
+        # 4 CPU slots (not cores): two 1-worker Tune trials side by side plus one for Ray Data.
+        init_ray(load_config(None, ["scaling.num_cpus=4"]))
     yield
     ray.shutdown()
 
@@ -168,23 +293,28 @@ def running_mlflow_server(
     root: Path, artifacts_destination: str, *extra: str, backend_store_uri: str | None = None
 ) -> Iterator[tuple[str, Path]]:
     """`pipeline server mlflow` as a user starts it (SQLite backend under `root` unless
-    `backend_store_uri` names another, a free port on 127.0.0.1); yields (uri, log) once /health
-    answers, and stops it afterwards."""
-    port = free_port()
+    `backend_store_uri` names another, a free port on 127.0.0.1); yields (uri, log) once our
+    process listens there and /health answers, and stops it afterwards."""
     log = root / "server.log"
-    cmd = [
-        str(BIN / "pipeline"), "server", "mlflow",
-        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", artifacts_destination,
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra,
-    ]  # fmt: skip
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+
+    def launch(port: int) -> subprocess.Popen:
+        cmd = [
+            str(BIN / "pipeline"), "server", "mlflow",
+            "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", artifacts_destination,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra,
+        ]  # fmt: skip
+        return subprocess.Popen(
+            cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def healthy(proc: subprocess.Popen, port: int) -> None:
+        wait_for_health(f"http://127.0.0.1:{port}", proc, log)
+
+    proc, port = start_on_free_port(launch, healthy)
     try:
         uri = f"http://127.0.0.1:{port}"
-        wait_for_health(uri, proc, log)
         yield uri, log
     finally:
         # uvicorn drains keep-alive connections for a long while on SIGTERM; 3 s is plenty for
@@ -312,9 +442,23 @@ def postgres_server() -> Iterator[PostgresServer]:
     )
     started = False
     try:
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
-           "-t", "60", "start")  # fmt: skip
-        started = True
+        for attempt in range(3):
+            try:
+                pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
+                   "-w", "-t", "60", "start")  # fmt: skip
+            except RuntimeError:
+                # Another process took the port between free_port() and the bind: next port.
+                if attempt == 2 or "already in use" not in log.read_text():
+                    raise
+                server.port = free_port()
+                options = re.sub(r"-p \d+", f"-p {server.port}", options)
+                continue
+            started = True
+            break
+        # Ready (pg_ctl -w) and ours: the postmaster that wrote our data dir's pid file listens.
+        postmaster = int((data / "postmaster.pid").read_text().split()[0])
+        if not listener_of(server.port, {postmaster}):
+            raise RuntimeError(f"127.0.0.1:{server.port} is not our PostgreSQL (pid {postmaster})")
         import psycopg2
 
         admin = psycopg2.connect(
@@ -339,3 +483,70 @@ def postgres_server() -> Iterator[PostgresServer]:
             except (RuntimeError, subprocess.TimeoutExpired):
                 pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- one model trained the way a user trains it -----------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    """A model trained once per session by `pipeline train` (in-process, on the session's Ray)
+    and registered on the session's tracking server. Tests may promote it; tests that tamper
+    with a model make their own."""
+
+    name: str  # registered model name (unique to the session)
+    version: str
+    run_id: str
+    tracking_uri: str
+    data_uri: str
+    overrides: list[str]  # the --set values it was trained with
+    output: str  # what `pipeline train` printed
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_session, mlflow_server, digits_uri, tmp_path_factory) -> TrainedModel:
+    """`pipeline train --config jobs/configs/digits.yaml` for 3 epochs on one worker (the main
+    recipe otherwise: 16x16 ResNet-20, augmentation), registered under a fresh name. Registry,
+    serving, pull and README-promise tests use it instead of hand-built runs."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "cwd").mkdir()
+    name = f"trained-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        f"data.uri={digits_uri}",
+        "data.prepare=",
+        f"run.storage_path={root / 'runs'}",
+        f"tracking.tracking_uri={mlflow_server.uri}",
+        "tracking.experiment=trained-model",
+        f"run.name={name}",
+        "train.epochs=3",
+        "scaling.num_workers=1",
+        f"registry.model_name={name}",
+    ]
+    args = ["train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml")]
+    for value in overrides:
+        args += ["--set", value]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root / "cwd")
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    (version,) = MlflowClient(mlflow_server.uri).search_model_versions(f"name = '{name}'")
+    return TrainedModel(
+        name=name,
+        version=str(version.version),
+        run_id=version.run_id,
+        tracking_uri=mlflow_server.uri,
+        data_uri=digits_uri,
+        overrides=overrides,
+        output=result.output,
+    )

@@ -201,14 +201,11 @@ def closed_address() -> str:
 
 def test_unreachable_cluster_is_a_clear_error(tmp_path):
     address = closed_address()
-    started = time.monotonic()
     result = pipeline("submit", "train", *digits_job(tmp_path), "--address", address, cwd=tmp_path)
-    took = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
     assert address in message and "ray start --head --dashboard-host 127.0.0.1" in message
     assert "RAY_ADDRESS" in message and "Traceback" not in result.stderr
-    assert took < 30, f"took {took:.0f} s"
 
 
 def test_invalid_config_is_refused_before_contacting_the_cluster(tmp_path):

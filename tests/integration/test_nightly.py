@@ -22,6 +22,7 @@ from pipeline.config import load_config
 from pipeline.data.shards import Manifest, ShardInfo, dataset_digest
 from pipeline.data.sources import WriteOptions, prepare_digits
 from pipeline.errors import NightlyError
+from pipeline.evaluation import evaluate_model
 from pipeline.nightly import NightlyLock, run_nightly
 from pipeline.registry import LockSettings, aliases_of
 from pipeline.tags import KIND_TAG, NIGHTLY_DATE_TAG, NIGHTLY_DECISION_TAG
@@ -32,7 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 NIGHTLY_CONFIG = REPO / "jobs" / "configs" / "nightly.yaml"
 DAY = "2026-11-28"
 
-pytestmark = pytest.mark.slow
+# Each test trains several times and runs CLI processes: 2-4 min each on 2 quiet cores.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def append_train_shard(uri: str) -> str:
@@ -75,7 +77,8 @@ def append_train_shard(uri: str) -> str:
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # `evaluate_model` (the test's own check) reads the store from the environment.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = tmp_path / "digits"
     prepare_digits(WriteOptions(out=str(data)))
     overrides = [
@@ -101,13 +104,21 @@ def report_of(client: MlflowClient, run_id: str, tmp: Path) -> dict:
     return json.loads(Path(local).read_text())
 
 
+def champion_now(data: Path) -> float:
+    """Today's test accuracy of the champion, recomputed by `pipeline evaluate`'s code."""
+    return evaluate_model("models:/nightly-model@champion", str(data))["acc"]
+
+
 def test_nightly_trains_promotes_skips_and_fine_tunes_on_new_shards(ray_session, setup):
     tmp, data, overrides = setup
     cfg = load_config(NIGHTLY_CONFIG, overrides)
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
 
-    # 1. No champion yet: train from scratch, the first version becomes champion.
-    first = run_nightly(cfg, date=DAY)
+    # 1. No champion yet: train from scratch, the first version becomes champion. One epoch at
+    # a tiny LR: a deliberately weak champion, so that step 4's candidate is better by a wide
+    # margin.
+    weak = load_config(NIGHTLY_CONFIG, [*overrides, "train.epochs=1", "train.lr=0.002"])
+    first = run_nightly(weak, date=DAY)
     assert first.decision == "promoted", first.reason
     assert first.init == "scratch" and first.candidate_version == "1"
     assert aliases_of(client, "nightly-model")["champion"] == "1"
@@ -125,16 +136,17 @@ def test_nightly_trains_promotes_skips_and_fine_tunes_on_new_shards(ray_session,
     assert quiet.data.new_shards == [] and quiet.champion_after == "1"
     assert len(client.search_model_versions("name = 'nightly-model'")) == 1
 
-    # 4. New shards arrive; a forced run fine-tunes the champion on them.
+    # 4. New shards arrive; a forced run fine-tunes the weak champion on them, at a full LR:
+    # better, so promoted.
     added = append_train_shard(str(data))
-    forced = run_nightly(cfg, date="2026-11-29", force=True)
+    better = load_config(NIGHTLY_CONFIG, [*overrides, "nightly.lr=0.1"])
+    forced = run_nightly(better, date="2026-11-29", force=True)
     assert forced.data.new_shards == [added] and forced.data.new_rows > 0
     assert forced.data.removed_shards == []
     assert forced.init == "models:/nightly-model/1"
     assert forced.candidate_version == "2"
-    assert forced.decision in ("promoted", "refused")
-    expected = "2" if forced.decision == "promoted" else "1"
-    assert aliases_of(client, "nightly-model")["champion"] == expected
+    assert forced.decision == "promoted", forced.reason
+    assert aliases_of(client, "nightly-model") == {"champion": "2", "previous-champion": "1"}
     train_run = client.get_run(forced.training_run_id)
     assert train_run.data.params["model.weights"] == "models:/nightly-model/1"
     assert train_run.data.params["train.epochs"] == "2"  # nightly.epochs when fine-tuning
@@ -144,12 +156,41 @@ def test_nightly_trains_promotes_skips_and_fine_tunes_on_new_shards(ray_session,
     assert report["decision"] == forced.decision
     assert report["data"]["new_shards"] == [added]
     assert report["promotion"]["candidate"]["version"] == "2"
+    assert report["promotion"]["champion"]["version"] == "1"
+    # The decision follows the accuracies it reports, and those are today's, recomputed.
+    candidate_acc = report["promotion"]["candidate"]["acc"]
+    champion_acc = report["promotion"]["champion"]["acc"]
+    assert candidate_acc > champion_acc
+    assert candidate_acc == pytest.approx(
+        evaluate_model("models:/nightly-model/2", str(data))["acc"], abs=1e-9
+    )
+    assert champion_acc == pytest.approx(
+        evaluate_model("models:/nightly-model/1", str(data))["acc"], abs=1e-9
+    )
     run = client.get_run(forced.nightly_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[NIGHTLY_DECISION_TAG] == forced.decision
     assert run.data.tags[NIGHTLY_DATE_TAG] == "2026-11-29"
     md = client.download_artifacts(forced.nightly_run_id, "nightly/report.md", str(tmp))
     assert added in Path(md).read_text()
+
+    # 5. A run forced to be worse (from scratch, one epoch at a tiny LR) is refused, and the
+    # champion stays.
+    worse = load_config(
+        NIGHTLY_CONFIG,
+        [*overrides, "nightly.init=scratch", "train.epochs=1", "train.lr=0.0001"],
+    )
+    refused = run_nightly(worse, date="2026-11-30", force=True)
+    assert refused.decision == "refused", refused.reason
+    assert refused.init == "scratch" and refused.candidate_version == "3"
+    assert aliases_of(client, "nightly-model") == {"champion": "2", "previous-champion": "1"}
+    report = report_of(client, refused.nightly_run_id, tmp)
+    assert report["decision"] == "refused"
+    assert report["promotion"]["champion"]["version"] == "2"
+    assert report["promotion"]["candidate"]["acc"] < report["promotion"]["champion"]["acc"]
+    assert report["promotion"]["champion"]["acc"] == pytest.approx(champion_now(data))
+    run = client.get_run(refused.nightly_run_id)
+    assert run.data.tags[NIGHTLY_DECISION_TAG] == "refused"
 
 
 def test_a_failing_run_leaves_the_champion_and_a_second_run_is_refused(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from pipeline.errors import TrainingError
 from pipeline.registry import register_training
 from pipeline.train.callbacks import KillWorkerOnce
 from pipeline.train.trainer import run_training
+from tests.support import bn_batches_tracked, repo_files, untrained_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = REPO / "jobs" / "configs" / "digits.yaml"
@@ -44,8 +44,13 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_default_config_trains_two_workers_and_records_everything(ray_session, workdir, digits_uri):
-    """`make train`'s config: 2 CPU workers, 40 epochs, >= 95% digits test accuracy.
+@pytest.mark.timeout(1800)  # 40 epochs on 2 workers: ~1-2 min alone, more on a shared machine
+def test_default_config_trains_two_workers_and_records_everything(
+    ray_session, workdir, digits_uri, monkeypatch
+):
+    """The suite's one accuracy acceptance test: `make train`'s config (2 CPU workers, 40
+    epochs) reaches >= 95% digits test accuracy. Every other test compares a trained model with
+    the untrained one instead.
 
     (Seed 0, the config's, reaches 99.63% on the dev VM; seeds 0-3 gave 99.63, 98.51, 100 and
     100%: see README "Accuracy". The bar here is the issue's 95%, which holds for any seed and
@@ -90,27 +95,35 @@ def test_default_config_trains_two_workers_and_records_everything(ray_session, w
     # `pipeline evaluate` recomputes the same test accuracy from the registered model.
     from pipeline.evaluation import evaluate_model
 
-    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
-    try:
-        result = evaluate_model("models:/digits-resnet/1", digits_uri)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.tracking_uri)
+    result = evaluate_model("models:/digits-resnet/1", digits_uri)
     assert result["acc"] == pytest.approx(summary.metrics["test_acc"], abs=1e-9)
 
 
-def test_worker_death_resumes_from_checkpoint_in_the_same_mlflow_run(
-    ray_session, workdir, digits_uri
-):
+@pytest.fixture(scope="module")
+def faulty_run(ray_session, digits_uri, tmp_path_factory):
+    """A 4-epoch run whose last worker is killed halfway through epoch 1 (run.max_failures=1):
+    Train restarts the group from the epoch-0 checkpoint. Every checkpoint is kept."""
+    workdir = tmp_path_factory.mktemp("faulty")
     cfg = config(
         workdir,
         digits_uri,
         "run.name=faulty",
         "train.epochs=4",
         "run.max_failures=1",
+        "run.num_to_keep=4",
         "registry.model_name=",
     )
     marker = workdir / "injected-failure"
-    summary = run_training(cfg, loop_callbacks=[KillWorkerOnce(epoch=1, marker=str(marker))])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = run_training(cfg, loop_callbacks=[KillWorkerOnce(epoch=1, marker=str(marker))])
+    return workdir, cfg, summary
+
+
+def test_worker_death_resumes_from_checkpoint_in_the_same_mlflow_run(faulty_run):
+    workdir, cfg, summary = faulty_run
+    marker = workdir / "injected-failure"
     assert marker.exists(), "the worker process was killed"
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs([summary.experiment_id])
@@ -118,6 +131,60 @@ def test_worker_death_resumes_from_checkpoint_in_the_same_mlflow_run(
     for key in ("val_acc", "train_loss", "epoch_time_s"):
         assert metric_steps(client, summary.run_id, key) == [0, 1, 2, 3], key
     assert "test_acc" in summary.metrics
+
+
+def test_after_a_worker_death_the_weights_continue_rather_than_restart(faulty_run):
+    """Batch norm counts the steps its weights went through: after the restart at epoch 1 the
+    count goes on from epoch 0's (4 epochs' worth at the end), not from zero (3 epochs')."""
+    import torch
+
+    workdir, _, _ = faulty_run
+    steps = {}
+    for done in range(1, 5):  # epoch-000N: the checkpoint after N epochs
+        path = workdir / "runs" / "faulty" / f"epoch-{done:04d}" / "checkpoint.pt"
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        counts = set(bn_batches_tracked(saved["model"]))
+        assert len(counts) == 1, counts  # every layer saw every step
+        steps[done] = counts.pop()
+    per_epoch = steps[1]
+    assert per_epoch > 0
+    assert steps == {n: per_epoch * n for n in range(1, 5)}, steps
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs pipeline/train to log the checkpoint epoch a restarted group resumed from as "
+    "the metric `resumed_from_epoch`",
+)
+def test_a_restart_records_the_epoch_it_resumed_from(faulty_run):
+    _, cfg, summary = faulty_run
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    resumed = client.get_metric_history(summary.run_id, "resumed_from_epoch")
+    # The worker died in the second epoch (epoch 1, 0-based); the latest checkpoint then was
+    # the first epoch's (epoch 0): that is the epoch the group resumed from.
+    assert [m.value for m in resumed] == [0.0]
+
+
+def test_training_writes_only_where_it_is_told(ray_session, workdir, digits_uri, monkeypatch):
+    """With a SQLite store, run artifacts (and the logged model) go next to the database, and
+    checkpoints to run.storage_path: nothing in the working directory, nothing in the checkout
+    (MLflow's default would be ./mlruns of the current directory)."""
+    cwd = workdir / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = repo_files()
+    cfg = config(
+        workdir, digits_uri, "run.name=tidy", "train.epochs=1", "scaling.num_workers=1",
+        "train.batch_size=128", "registry.model_name=tidy-model",
+    )  # fmt: skip
+    summary = run_training(cfg)
+    assert list(cwd.iterdir()) == []
+    assert repo_files() - before == set()
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    artifacts = client.get_run(summary.run_id).info.artifact_uri
+    assert artifacts.startswith((workdir / "mlartifacts").as_uri()), artifacts
+    logged = list((workdir / "mlartifacts").rglob("weights.pt"))
+    assert logged, "the logged model lives beside the store too"
 
 
 def test_same_run_name_resumes_and_a_new_name_starts_fresh(ray_session, workdir, digits_uri):
@@ -164,7 +231,7 @@ def test_shards_and_checkpoints_on_s3(ray_session, workdir, s3_server):
         "data.prepare=",
     )
     summary = run_training(cfg)
-    assert summary.metrics["test_acc"] > 0.3
+    assert summary.metrics["test_acc"] > untrained_accuracy(cfg) + 0.1
     keys = [
         o["Key"]
         for o in boto3.client("s3", endpoint_url=s3_server.endpoint)
@@ -206,4 +273,5 @@ def test_loop_features_streaming_ingest(ray_session, workdir, digits_uri):
         for m in sorted(client.get_metric_history(summary.run_id, "lr"), key=lambda m: m.step)
     ]
     assert lrs[0] > lrs[-1], "cosine decays after the warm-up"
-    assert summary.metrics["test_acc"] > 0.2  # learning happened, through every feature at once
+    # Learning happened, through every feature at once.
+    assert summary.metrics["test_acc"] > untrained_accuracy(cfg) + 0.1

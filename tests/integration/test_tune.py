@@ -21,7 +21,7 @@ from pipeline.tune import parse_search_space, run_tune
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = REPO / "jobs" / "configs" / "digits.yaml"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # searches of several trials
 
 
 def test_asha_search_records_the_hierarchy_and_registers_the_best_trial(
