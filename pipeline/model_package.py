@@ -182,9 +182,24 @@ def rebuild(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         num_classes=meta["num_classes"],
         image_size=max(input_shape(meta)[1:]),
     )
-    state = torch.load(_find(model_dir, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    state = load_weights_only(_find(model_dir, WEIGHTS_FILE))
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def load_weights_only(path: Path) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only. A file that needs
+    anything else (pickled code) is refused as a ModelError naming it, never run."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{path}: refused: it is not a plain state dict (torch's weights-only load: "
+            f"{first}); the pipeline never unpickles code from a model store"
+        ) from None
 
 
 def _find(model_dir: Path, name: str) -> Path:

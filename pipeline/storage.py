@@ -60,7 +60,10 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     """URI -> Location. Plain paths (and file://) are local; s3:// goes through S3FileSystem."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        fs = s3_filesystem(storage or StorageConfig())
+        try:
+            fs = s3_filesystem(storage or StorageConfig())
+        except StorageError as exc:
+            raise StorageError(f"{uri}: {exc}") from None
         return Location(fs, f"{bucket}/{key}".rstrip("/"), uri.rstrip("/"))
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: unsupported URI scheme; use a local path or s3://bucket/prefix")

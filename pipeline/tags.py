@@ -69,5 +69,6 @@ TEST_ACC = "test_acc"
 TEST_TOP5 = "test_top5"
 TEST_LOSS = "test_loss"
 BEST_VAL_ACC = "best_val_acc"
+RESUMED_FROM_METRIC = "resumed_from_epoch"  # logged by a restarted run: the checkpoint's epoch
 EPOCH_METRICS = ("val_acc", "val_top5", "val_loss", "train_acc", "train_loss")
 SUMMARY_METRICS = (TEST_ACC, TEST_TOP5, TEST_LOSS, BEST_VAL_ACC)

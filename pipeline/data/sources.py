@@ -14,9 +14,11 @@ import io
 import json
 import os
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -503,6 +505,18 @@ def _as_nhwc_uint8(x: np.ndarray, where: str) -> np.ndarray:
     raise DatasetError(f"{where}: unsupported pixel dtype {x.dtype}; use uint8 or float in [0, 1]")
 
 
+def _array(npz: Any, key: str, path: Path) -> np.ndarray:
+    try:
+        return npz[key]
+    except ValueError as exc:  # "Object arrays cannot be loaded when allow_pickle=False"
+        raise DatasetError(
+            f"{path}[{key}]: not a plain numeric array ({exc}); pickled object arrays are never "
+            "loaded: save uint8 images and integer labels"
+        ) from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path}[{key}]: cannot be read ({exc})") from None
+
+
 def import_numpy(
     path: str | Path,
     opts: WriteOptions,
@@ -516,11 +530,22 @@ def import_numpy(
         npz = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+    if not hasattr(npz, "files"):  # a plain .npy: one array, no names
+        raise DatasetError(
+            f"{path}: a single .npy array, not an .npz; save images and labels together with "
+            "np.savez(path, x=images, y=labels)"
+        )
     keys = set(npz.files)
     if {"x_train", "y_train"} <= keys:
         parts = {s: (f"x_{s}", f"y_{s}") for s in SPLITS if f"x_{s}" in keys}
+        unpaired = [f"x_{s}" for s in parts if f"y_{s}" not in keys]
+        if unpaired:
+            raise DatasetError(
+                f"{path}: {', '.join(unpaired)} without its labels "
+                f"({', '.join('y' + k[1:] for k in unpaired)}); every x_<split> needs y_<split>"
+            )
     else:
         xk = next((k for k in ("x", "images") if k in keys), None)
         yk = next((k for k in ("y", "labels") if k in keys), None)
@@ -532,8 +557,8 @@ def import_numpy(
         parts = {"all": (xk, yk)}
     xs, ys, splits = [], [], []
     for split, (xk, yk) in parts.items():
-        x = _as_nhwc_uint8(npz[xk], f"{path}[{xk}]")
-        y = np.asarray(npz[yk])
+        x = _as_nhwc_uint8(_array(npz, xk, path), f"{path}[{xk}]")
+        y = np.asarray(_array(npz, yk, path))
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
             raise DatasetError(f"{path}[{yk}]: labels must be 1-D integers, one per image")
         xs.append(x)

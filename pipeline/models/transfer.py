@@ -58,7 +58,7 @@ def _read_state_dict(source: str, tracking_uri: str | None = None) -> dict[str, 
     path = Path(source)
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _weights_only(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]  # a training checkpoint: {"model": state_dict, "optimizer": ...}
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -70,6 +70,12 @@ def _read_state_dict(source: str, tracking_uri: str | None = None) -> dict[str, 
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _weights_only(path: Path) -> Any:
+    from pipeline.model_package import load_weights_only  # model_package builds from the zoo
+
+    return load_weights_only(path)
 
 
 def _read_mlflow_weights(source: str, tracking_uri: str | None) -> dict[str, torch.Tensor]:
@@ -105,7 +111,7 @@ def _read_mlflow_weights(source: str, tracking_uri: str | None) -> dict[str, tor
                 "`pipeline train` can be fine-tuned from MLflow (the pipeline never unpickles a "
                 "logged model). Pass a state dict file as model.weights instead"
             )
-        obj = torch.load(found[0], map_location="cpu", weights_only=True)
+        obj = _weights_only(found[0])
     if not isinstance(obj, Mapping):
         raise ModelError(f"{source}: {WEIGHTS_FILE} is not a state dict")
     return dict(obj)

@@ -51,8 +51,9 @@ def register_run_model(cfg: PipelineConfig, run_id: str):
 
 def register_training(cfg: PipelineConfig, summary: Any) -> Any:
     """After `run_training`: register the run's model as a new version of `registry.model_name`
-    when one is configured (and the run logged its model); the summary, with the version."""
-    if cfg.registry.model_name and cfg.tracking.log_model:
+    when one is configured (and the run logged its model); the summary, with the version. A run
+    name that had already finished trained nothing now, so nothing new is registered."""
+    if cfg.registry.model_name and cfg.tracking.log_model and not summary.already_finished:
         version = register_run_model(cfg, summary.run_id)
         summary.model_version, summary.registered_name = str(version.version), version.name
     return summary

@@ -31,7 +31,7 @@ from pipeline.data.transform import BatchTransform, WorkerCache, iter_split
 from pipeline.models.dynamic_conv import set_temperature, temperature_at
 from pipeline.models.transfer import freeze_backbone, load_weights, parameter_groups
 from pipeline.models.zoo import build_model
-from pipeline.tags import COMPLETED_TAG
+from pipeline.tags import COMPLETED_TAG, RESUMED_FROM_METRIC
 from pipeline.train.callbacks import LoopCallback, LoopHooks, StepInfo
 from pipeline.train.entry import LoopConfig
 from pipeline.train.metrics import EpochMeter, global_throughput
@@ -187,6 +187,9 @@ def train_loop_per_worker(loop_config: LoopConfig) -> None:
 
     tracker = _RankZeroTracker(cfg, state.mlflow_run_id) if rank == 0 else None
     callbacks = list(loop_config.callbacks)
+    if tracker is not None and checkpoint is not None:
+        # The proof that a restart continued: the last epoch whose checkpoint it loaded.
+        tracker.resumed_from = state.epoch - 1
     if tracker is not None:
         tracker.startup = {
             **loop_config.startup,
@@ -445,6 +448,7 @@ class _RankZeroTracker:
         self._logged: set[int] | None = None
         self.first_step_s: float | None = None
         self.startup: dict[str, float] = {}
+        self.resumed_from: int | None = None  # set when this attempt loaded a checkpoint
 
     def _start(self) -> None:
         """Open the MLflow run on first use, not before the first step: importing mlflow and
@@ -469,6 +473,9 @@ class _RankZeroTracker:
         if self.first_step_s is not None and not self._logged:
             # Where the time to the first step went: checks, Ray start, then trainer + data start.
             mlflow.log_metrics({"time_to_first_step_s": self.first_step_s, **self.startup})
+        if self.resumed_from is not None:  # once per restart, at the epoch it went on with
+            mlflow.log_metric(RESUMED_FROM_METRIC, self.resumed_from, step=row["epoch"])
+            self.resumed_from = None
         if row["epoch"] not in self._logged:
             mlflow.log_metrics(
                 {k: float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"]

@@ -50,6 +50,7 @@ class TrainingSummary:
     registered_name: str | None = None
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    already_finished: bool = False  # the run name had finished before: nothing was trained
 
     @property
     def run_url(self) -> str:
@@ -323,7 +324,9 @@ def run_training(
         if result.error is not None:
             _end_run(client, run_id, "FAILED", root_cause(result.error))
             raise TrainingError(f"training run {run_name!r} failed: {root_cause(result.error)}")
-    return _summary(cfg, run_name, run_id, experiment_id, time.time() - started)
+    summary = _summary(cfg, run_name, run_id, experiment_id, time.time() - started)
+    summary.already_finished = completed
+    return summary
 
 
 def _end_run(client, run_id: str, status: str, reason: str) -> None:

@@ -180,24 +180,10 @@ def numpy_import(file_key: str) -> list[str]:
     return ["data", "import", "numpy", f"{{{file_key}}}", "--out", f"{{root}}/out-{file_key}"]
 
 
-MULTILINE_CONFIG = pytest.mark.xfail(
-    strict=True,
-    reason="needs pipeline.config.format_validation_error to put every invalid field on the one "
-    "error: line (it prints a header line, then one line per field)",
-)
-
-RICH_MARKUP = pytest.mark.xfail(
-    strict=True,
-    reason="needs the CLI's error printer (friendly_errors) to escape rich markup: "
-    "'FILE.npz[x]: ...' prints as 'FILE.npz: ...', the array's name eaten as a style tag",
-)
-
 # (id, argv, text the error line must contain, marks)
 CASES = [
     # pipeline train: everything is checked before Ray would start
-    ("train-missing-shard", train(data="{missing_shard}"), "{missing_shard_file}",
-     pytest.mark.xfail(strict=True, reason="needs data.validate.ensure_dataset's error to be "
-                       "one line (the missing shard is on a second, indented line)")),
+    ("train-missing-shard", train(data="{missing_shard}"), "{missing_shard_file}"),
     ("train-corrupt-manifest", train(data="{corrupt}"), "{corrupt}/manifest.json"),
     ("train-no-dataset", train(data="{root}/nothing"), "{root}/nothing"),
     ("train-missing-weights-file", train("model.weights={root}/no-such.pt"), "{root}/no-such.pt"),
@@ -213,9 +199,9 @@ CASES = [
     ("train-bad-set-syntax", ["train", "--config", DIGITS_CONFIG, "--set", "train.lr"],
      "--set 'train.lr'"),
     ("train-missing-config", ["train", "--config", "{root}/nope.yaml"], "{root}/nope.yaml"),
-    ("train-bad-field-value", train("train.lr=-1"), "train.lr", MULTILINE_CONFIG),
-    ("train-unknown-field", train("train.lrr=0.1"), "train.lrr", MULTILINE_CONFIG),
-    ("train-bad-choice", train("train.optimizer=adam"), "train.optimizer", MULTILINE_CONFIG),
+    ("train-bad-field-value", train("train.lr=-1"), "train.lr"),
+    ("train-unknown-field", train("train.lrr=0.1"), "train.lrr"),
+    ("train-bad-choice", train("train.optimizer=adam"), "train.optimizer"),
     # pipeline data ...
     ("inspect-corrupt-manifest", ["data", "inspect", "{corrupt}"], "{corrupt}/manifest.json"),
     ("inspect-no-dataset", ["data", "inspect", "{root}/nothing"], "{root}/nothing"),
@@ -230,36 +216,20 @@ CASES = [
     ("numpy-missing-file", ["data", "import", "numpy", "{root}/none.npz", "--out", "{root}/n"],
      "{root}/none.npz"),
     ("numpy-not-an-npz", numpy_import("npz_garbage"), "{npz_garbage}"),
-    ("numpy-truncated-zip", numpy_import("npz_truncated"), "{npz_truncated}",
-     pytest.mark.xfail(strict=True, reason="needs sources.import_numpy to catch "
-                       "zipfile.BadZipFile (a truncated .npz shows a traceback)")),
-    ("numpy-npy-not-npz", numpy_import("npy_plain"), "{npy_plain}",
-     pytest.mark.xfail(strict=True, reason="needs sources.import_numpy to refuse a plain .npy "
-                       "(np.load returns an array, and .files raises AttributeError)")),
-    ("numpy-pickled-object-array", numpy_import("npz_pickled"), "{npz_pickled}",
-     pytest.mark.xfail(strict=True, reason="needs sources.import_numpy to turn numpy's "
-                       "'Object arrays cannot be loaded when allow_pickle=False' ValueError "
-                       "into a DatasetError naming the file and array")),
+    ("numpy-truncated-zip", numpy_import("npz_truncated"), "{npz_truncated}"),
+    ("numpy-npy-not-npz", numpy_import("npy_plain"), "{npy_plain}"),
+    ("numpy-pickled-object-array", numpy_import("npz_pickled"), "{npz_pickled}"),
     ("numpy-no-known-arrays", numpy_import("npz_no_keys"), "{npz_no_keys}"),
-    ("numpy-labels-2d", numpy_import("npz_labels_2d"), "{npz_labels_2d}[y]",
-     RICH_MARKUP),
-    ("numpy-labels-float", numpy_import("npz_labels_float"), "{npz_labels_float}[y]",
-     RICH_MARKUP),
-    ("numpy-labels-count", numpy_import("npz_labels_short"), "{npz_labels_short}[y]",
-     RICH_MARKUP),
+    ("numpy-labels-2d", numpy_import("npz_labels_2d"), "{npz_labels_2d}[y]"),
+    ("numpy-labels-float", numpy_import("npz_labels_float"), "{npz_labels_float}[y]"),
+    ("numpy-labels-count", numpy_import("npz_labels_short"), "{npz_labels_short}[y]"),
     ("numpy-labels-out-of-range", numpy_import("npz_labels_range"), "{npz_labels_range}"),
     ("numpy-labels-negative", numpy_import("npz_labels_negative"), "{npz_labels_negative}"),
-    ("numpy-images-bad-rank", numpy_import("npz_images_1d"), "{npz_images_1d}[x]",
-     RICH_MARKUP),
-    ("numpy-two-channels", numpy_import("npz_two_channels"), "{npz_two_channels}[x]",
-     RICH_MARKUP),
-    ("numpy-float-out-of-range", numpy_import("npz_float_range"), "{npz_float_range}[x]",
-     RICH_MARKUP),
-    ("numpy-int32-pixels", numpy_import("npz_int32"), "{npz_int32}[x]",
-     RICH_MARKUP),
-    ("numpy-split-without-labels", numpy_import("npz_split_no_labels"), "{npz_split_no_labels}",
-     pytest.mark.xfail(strict=True, reason="needs sources.import_numpy to check that every "
-                       "x_<split> has its y_<split> (a missing y_val is a KeyError traceback)")),
+    ("numpy-images-bad-rank", numpy_import("npz_images_1d"), "{npz_images_1d}[x]"),
+    ("numpy-two-channels", numpy_import("npz_two_channels"), "{npz_two_channels}[x]"),
+    ("numpy-float-out-of-range", numpy_import("npz_float_range"), "{npz_float_range}[x]"),
+    ("numpy-int32-pixels", numpy_import("npz_int32"), "{npz_int32}[x]"),
+    ("numpy-split-without-labels", numpy_import("npz_split_no_labels"), "{npz_split_no_labels}"),
     ("numpy-bad-fractions", [*numpy_import("npz_good"), "--val-fraction", "0.6",
                              "--test-fraction", "0.6"], "val_fraction"),
     # pipeline models list
@@ -330,11 +300,6 @@ def test_a_missing_bucket_names_the_uri(cli_env, s3_server):
 
 
 @pytest.mark.s3
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs pipeline.storage._boto3_credentials to name the URI it was reaching for "
-    "(its message says only 'no AWS credentials found')",
-)
 def test_missing_s3_credentials_name_the_uri(cli_env, s3_server, monkeypatch, tmp_path):
     bucket = s3_server.new_bucket()
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",

@@ -163,12 +163,6 @@ def test_a_weights_file_carrying_code_is_refused_without_running_it(evil, traine
     assert_no_marker(evil["marker"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs pipeline/models/transfer._read_state_dict to load an MLflow model's weights.pt "
-    "with torch.load(weights_only=True) (model_package.rebuild), not mlflow.pytorch.load_model, "
-    "which unpickles data/model.pth from the artifact store",
-)
 def test_model_weights_from_an_mlflow_uri_never_unpickle(evil, trained_model, tmp_path):
     """`model.weights: models:/NAME/N` (fine-tuning, nightly) goes through transfer.load_weights."""
     from pipeline.model_package import rebuild
@@ -182,11 +176,6 @@ def test_model_weights_from_an_mlflow_uri_never_unpickle(evil, trained_model, tm
     assert_no_marker(evil["transfer_marker"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs model_package.rebuild and transfer's state-dict reader to turn torch's "
-    "UnpicklingError (weights_only refusal) into a PipelineError naming the file",
-)
 def test_refusing_a_weights_file_with_code_is_a_one_line_user_error(evil, trained_model):
     uri = f"models:/{evil['name']}/{evil['weights']}"
     with pytest.raises(PipelineError):
@@ -284,11 +273,6 @@ def test_training_a_finished_run_name_again_does_nothing(env, trained_model, tmp
     assert len(client.search_model_versions(f"name = '{trained_model.name}'")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs train/trainer.py: a finished run name ('nothing to do') must not register its "
-    "model again (today every re-run adds a registry version of the same run)",
-)
 def test_training_a_finished_run_name_again_registers_nothing(
     env, trained_model, tmp_path, monkeypatch
 ):

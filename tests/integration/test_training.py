@@ -151,11 +151,6 @@ def test_after_a_worker_death_the_weights_continue_rather_than_restart(faulty_ru
     assert steps == {n: per_epoch * n for n in range(1, 5)}, steps
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs pipeline/train to log the checkpoint epoch a restarted group resumed from as "
-    "the metric `resumed_from_epoch`",
-)
 def test_a_restart_records_the_epoch_it_resumed_from(faulty_run):
     _, cfg, summary = faulty_run
     client = MlflowClient(cfg.tracking.tracking_uri)
