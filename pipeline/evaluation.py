@@ -22,7 +22,6 @@ def evaluate_model(
 ) -> dict[str, Any]:
     model, meta = load_logged_model(model_uri)
     manifest = read_manifest(data_uri, storage)
-    verify_split(data_uri, manifest, split, storage)  # the data scored is the data listed
     image, norm = preprocessing(meta)
     if image.shape != manifest.image.shape:
         raise DatasetError(
@@ -31,6 +30,7 @@ def evaluate_model(
         )
     if manifest.classes != meta["classes"]:
         raise DatasetError(f"{data_uri}: classes {manifest.classes} differ from the model's")
+    verify_split(data_uri, manifest, split, storage)  # the data scored is the data listed
     # The model's own normalisation, not the dataset's: it is what the model was trained with.
     batches = iter_split(
         data_uri, manifest, split, storage=storage, resize=input_resize(meta), normalization=norm

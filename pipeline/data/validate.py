@@ -163,10 +163,14 @@ def verify_split(
     decode). A score on data that does not match its manifest would mean nothing: evaluation and
     the promotion gate call this first. Raises DatasetError naming the shards and what is wrong."""
     root = st.resolve(uri, storage)
+    try:
+        info = manifest.split(split)
+    except DatasetError as exc:
+        raise DatasetError(f"{uri}: {exc}") from None
     problems = []
     if dataset_digest(manifest.splits) != manifest.digest:
         problems.append(f"{root.join('manifest.json').uri}: digest does not match the shard list")
-    for shard in manifest.split(split).shards:
+    for shard in info.shards:
         problems.extend(_check_shard(root.join(shard.path), shard, manifest))
     if problems:
         shown = "; ".join(problems[:3]) + (

@@ -31,6 +31,10 @@ class LockSettings:
     settle_s: float = 2.0  # wait after writing the lease before trusting it (see PromotionLock)
     poll_s: float = 0.5
 
+    def __post_init__(self) -> None:
+        if self.ttl_s <= 2 * self.settle_s:  # a lease must outlive its own acquisition
+            raise ValueError(f"ttl_s ({self.ttl_s}) must exceed 2 x settle_s ({self.settle_s})")
+
 
 class PromotionLock:
     """Mutual exclusion for one registered model's aliases, across processes and machines.
