@@ -463,10 +463,13 @@ class DatasetWriter:
         blob = manifest.model_dump_json(indent=2, exclude_none=True).encode()
         st.write_bytes_atomic(self.root.join(MANIFEST), blob)  # the commit marker, last
         if self.target.is_s3:
+            # Committed the moment the manifest landed: nothing after this may undo the write,
+            # not even an error or Ctrl-C while the replaced dataset's shards are deleted.
+            self.manifest = manifest
             self._delete_replaced_shards(manifest)
         else:
             self._swap_into_place()
-        self.manifest = manifest
+            self.manifest = manifest
         return manifest
 
     def _settle_sizes(self) -> None:
@@ -501,6 +504,8 @@ class DatasetWriter:
             shutil.rmtree(old, ignore_errors=True)
 
     def _delete_replaced_shards(self, manifest: Manifest) -> None:
+        """Best effort, after the commit: a shard left behind is invisible to readers (no
+        manifest lists it), so a failure here is a warning, never an error."""
         if self._replaced is None:
             return
         keep = {s.path for info in manifest.splits.values() for s in info.shards}

@@ -374,3 +374,39 @@ def test_a_resized_import_and_serving_see_the_same_pixels_of_a_rotated_jpeg(tmp_
     upright = Image.open(src / "a" / "r.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270)
     expected = np.asarray(upright.resize((16, 24), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(stored_pixels, expected)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError], ids=["ctrl-c", "error"])
+def test_an_s3_overwrite_interrupted_in_cleanup_leaves_the_new_dataset_valid(
+    s3_server, monkeypatch, interruption
+):
+    """The manifest's upload is the commit: a Ctrl-C or an error while the replaced dataset's
+    old shards are deleted must not take the new dataset's shards with it."""
+    from pipeline.config import StorageConfig
+    from pipeline.data import shards
+    from pipeline.data.sources import WriteOptions, prepare_digits
+    from pipeline.data.validate import validate_dataset
+
+    bucket = s3_server.new_bucket()
+    uri = f"s3://{bucket}/data/ds"
+    storage = StorageConfig(endpoint_url=s3_server.endpoint)
+    prepare_digits(WriteOptions(out=uri, storage=storage, shard_rows=200))
+
+    original = shards._delete_quietly
+    calls = []
+
+    def interrupted(loc, directory=False):  # the first deletion is interrupted, later ones run
+        calls.append(loc)
+        if len(calls) == 1:
+            raise interruption("interrupted while cleaning up")
+        original(loc, directory)
+
+    monkeypatch.setattr(shards, "_delete_quietly", interrupted)
+    again = WriteOptions(out=uri, storage=storage, shard_rows=300, overwrite=True)
+    with pytest.raises(interruption):
+        prepare_digits(again, seed=1)
+    monkeypatch.setattr(shards, "_delete_quietly", original)
+    manifest, problems = validate_dataset(uri, storage)
+    assert problems == [], problems
+    assert max(s.rows for s in manifest.split("train").shards) > 200  # the new one, committed
