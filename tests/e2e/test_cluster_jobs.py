@@ -378,8 +378,6 @@ def test_a_run_the_cluster_cannot_hold_is_refused_at_once(ray_cluster, tmp_path)
 
 def _hold_cpus(address: str, cpus: int) -> str:
     """Another job that takes `cpus` CPUs of the cluster and keeps them: a busy shared cluster."""
-    from ray.job_submission import JobSubmissionClient
-
     script = (
         "import ray, time\n"
         "ray.init()\n"
@@ -391,7 +389,7 @@ def _hold_cpus(address: str, cpus: int) -> str:
         "print('holding', flush=True)\n"
         "time.sleep(3600)\n"
     )
-    client = JobSubmissionClient(address)
+    client = cluster.connect(address)  # with the cluster's token, as `pipeline submit` sends it
     job_id = client.submit_job(entrypoint=f"python -c {json.dumps(script)}")
     deadline = time.monotonic() + 180
     while "holding" not in client.get_job_logs(job_id):
