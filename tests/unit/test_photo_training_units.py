@@ -188,3 +188,36 @@ def test_imagenet_config_loads_and_builds_resnet50_at_224_on_gpu_workers():
         model = model_for(cfg, imagenet)
     assert model.fc.out_features == 1000
     assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision's ResNet-50
+
+
+# ---------------------------------------------------------------------------------------------
+# A data error raised in a Ray Data task reaches the user as itself
+
+
+class RemoteTaskError(Exception):
+    """Stands in for Ray's wrappers: the remote exception survives only as traceback text."""
+
+
+class WorkerGroupFailure(Exception):
+    def __init__(self, failures: dict[int, BaseException]) -> None:
+        super().__init__("Training failed due to worker errors:\n... (Output truncated) ...")
+        self.worker_failures = failures
+
+
+def test_root_cause_finds_a_pipeline_error_raised_in_a_ray_task():
+    from pipeline.errors import root_cause
+
+    remote = RemoteTaskError(
+        "ray::MapBatches(DecodeCrop)() (pid=1)\n"
+        '  File "pipeline/data/ingest.py", line 126, in __call__\n'
+        "pipeline.errors.DatasetError: image 'a/b.jpg' in the dataset does not decode (x)\n"
+        "The above exception was the direct cause of the following exception:\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+        "To change retry attempts, configure ... if you believe this to be transient."
+    )
+    wrapped = WorkerGroupFailure({0: remote, 1: remote})
+    assert root_cause(wrapped) == "image 'a/b.jpg' in the dataset does not decode (x)"
+    try:
+        raise RuntimeError("outer") from ValueError("first line\nthe innermost message")
+    except RuntimeError as exc:
+        assert root_cause(exc) == "the innermost message"  # no remote error: as before
