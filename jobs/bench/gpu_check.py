@@ -72,7 +72,7 @@ GPU = Size(
 )  # fmt: skip
 DRY = Size(
     "cifar_resnet20", "dy_cifar_resnet20", 16, 32, 256, 4, 2, "cpu", "fp32", "fp32", "eager", 1,
-    photos=64, crop=16,
+    photos=128, crop=16,
 )  # fmt: skip
 CLASSES = 10
 TIMEOUTS_S = {"env": 60, "ceiling": 120, "pipeline": 150, "jpeg": 180, "fault": 150,
