@@ -141,6 +141,11 @@ class DataConfig(_Section):
             raise ValueError(
                 "data.crop and data.resize both set the input size: use data.crop.size alone"
             )
+        if self.crop is not None and self.cache == "always":
+            raise ValueError(
+                "data.cache=always with data.crop: photographs are cropped afresh every epoch "
+                "from their encoded bytes, never cached; leave data.cache at auto"
+            )
         return self
 
     def absolute(self) -> DataConfig:

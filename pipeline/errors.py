@@ -10,6 +10,8 @@ root, so library callers that caught those keep working. This module imports not
 
 from __future__ import annotations
 
+import re
+
 
 class PipelineError(Exception):
     """A problem the user can fix; the message says what and how."""
@@ -80,9 +82,38 @@ class ScheduleError(PipelineError, ValueError):
     """A schedule the user can fix: a bad --at, a missing config, no crontab program."""
 
 
+# How a PipelineError raised in a Ray task or worker reads once Ray has wrapped it: only as a
+# line of the remote traceback in the wrapper's text (the exception object stays remote).
+_REMOTE_PIPELINE_ERROR = re.compile(r"^pipeline\.errors\.\w+: (.+)$", re.MULTILINE)
+
+
 def root_cause(exc: BaseException) -> str:
-    """The innermost cause's message, without Ray's wrappers (for one-line reports)."""
+    """The innermost cause's message, without Ray's wrappers (for one-line reports). A
+    `PipelineError` raised remotely (a Ray Data map task, a training worker) wins: the user reads
+    what is wrong with their data, not Ray's advice on retries."""
+    texts = [str(e) for e in _chain(exc)]
+    for text in texts:
+        found = _REMOTE_PIPELINE_ERROR.search(text)
+        if found:
+            return found.group(1).strip()
     while exc.__cause__ is not None:
         exc = exc.__cause__
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def _chain(exc: BaseException, depth: int = 0) -> list[BaseException]:
+    """`exc`, its causes, and what Ray wraps: a task error's `cause`, a failed worker group's
+    `worker_failures`."""
+    if exc is None or depth > 20:
+        return []
+    out = [exc]
+    for inner in (exc.__cause__, getattr(exc, "cause", None)):
+        if isinstance(inner, BaseException):
+            out += _chain(inner, depth + 1)
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict):
+        for inner in failures.values():
+            if isinstance(inner, BaseException):
+                out += _chain(inner, depth + 1)
+    return out

@@ -4,7 +4,8 @@ A logged model is the MLflow PyTorch flavour (`mlflow.pytorch.log_model`, torch.
 where the model exports, with a signature and an input example) plus two extra files that make it
 safe and self-describing to load anywhere:
   weights.pt           the state dict, loaded with `torch.load(weights_only=True)` (no pickle code)
-  pipeline_model.json  model config, classes, image spec, normalisation, dataset digest
+  pipeline_model.json  model config, classes, image spec, normalisation, the evaluation crop
+                       (photographs), dataset digest
 so a service rebuilds the network from the zoo and applies exactly the training preprocessing.
 
 Beside `model/`, the run gets `predictor/`: a pyfunc over raw images (base64 PNG/JPEG in a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,12 @@ def package_metadata(cfg: PipelineConfig, manifest: Manifest) -> dict[str, Any]:
         "image": manifest.image.model_dump(mode="json"),
         # [height, width] the network sees after the bilinear resize, or None (stored size)
         "resize": list(cfg.data.resize) if cfg.data.resize else None,
+        # photographs: Resize(size / eval_crop_ratio) + CenterCrop(size) of any image, or None
+        "crop": (
+            {"size": cfg.data.crop.size, "eval_crop_ratio": cfg.data.crop.eval_crop_ratio}
+            if cfg.data.crop
+            else None
+        ),
         "classes": manifest.classes,
         "normalization": manifest.normalization.model_dump(mode="json"),
         "dataset": {"name": manifest.name, "digest": manifest.digest, "uri": cfg.data.uri},
@@ -61,9 +69,29 @@ def input_resize(meta: dict[str, Any]) -> tuple[int, int] | None:
     return (int(resize[0]), int(resize[1])) if resize else None
 
 
+@dataclass(frozen=True)
+class EvalCrop:
+    """The evaluation transform of a model trained on crops: Resize(size / ratio), then
+    CenterCrop(size) (`pipeline.data.imaging.evaluation_crop`)."""
+
+    size: int
+    ratio: float
+
+
+def eval_crop(meta: dict[str, Any]) -> EvalCrop | None:
+    """The package's evaluation crop, or None (trained on fixed-size images; packages from
+    before data.crop existed have no `crop` key)."""
+    crop = meta.get("crop")
+    return EvalCrop(int(crop["size"]), float(crop["eval_crop_ratio"])) if crop else None
+
+
 def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
     """(C, H, W) of the normalised tensors the network takes."""
-    c, h, w = ImageSpec.model_validate(meta["image"]).shape
+    image = ImageSpec.model_validate(meta["image"])
+    crop = eval_crop(meta)
+    if crop is not None:
+        return (image.channels, crop.size, crop.size)
+    c, h, w = image.shape
     return (c, *(input_resize(meta) or (h, w)))
 
 
@@ -134,7 +162,8 @@ def log_predictor(files: Path, meta: dict[str, Any]):
 
 
 def blank_image_base64(meta: dict[str, Any]) -> str:
-    """A black PNG of the model's image size, base64-encoded: the predictor's input example."""
+    """A black PNG of the model's image size (its crop's for photographs), base64-encoded: the
+    predictor's input example."""
     import base64
     import io
 
@@ -142,8 +171,10 @@ def blank_image_base64(meta: dict[str, Any]) -> str:
 
     image = ImageSpec.model_validate(meta["image"])
     mode = "L" if image.channels == 1 else "RGB"
+    crop = eval_crop(meta)
+    size = (crop.size, crop.size) if crop else (image.width, image.height)
     buf = io.BytesIO()
-    Image.new(mode, (image.width, image.height)).save(buf, format="PNG")
+    Image.new(mode, size).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 

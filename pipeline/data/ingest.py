@@ -102,7 +102,8 @@ class DecodeCrop:
     Training: a RandomResizedCrop box drawn per image on its full size, decoded at the smallest
     JPEG scale that still covers the box at `size` pixels, resized, then a random horizontal flip.
     Evaluation: the centre crop of `imaging.evaluation_crop`. `seed=None` draws fresh entropy in
-    every map task (a fixed seed would give every task the same crops).
+    every map task (a fixed seed would give every task the same crops). An `id` column, when the
+    batch has one, names an image that does not decode.
     """
 
     channels: int
@@ -114,16 +115,17 @@ class DecodeCrop:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._rng is None:
             self._rng = np.random.default_rng(self.seed)
-        blobs = batch["image"]
+        blobs, ids = batch["image"], batch.get("id")
         size, c = self.crop.size, self.channels
         out = np.empty((len(blobs), size, size, c), dtype=np.uint8)
         for i, blob in enumerate(blobs):
             try:
                 out[i] = self.crop_one(bytes(blob))
             except imaging.ImageDecodeError as exc:
+                which = f"image {str(ids[i])!r}" if ids is not None else "an image"
                 raise DatasetError(
-                    f"an image in the dataset does not decode ({exc}); run `pipeline data "
-                    "validate` on the dataset to find the shard and row"
+                    f"{which} in the dataset does not decode ({exc}); run `pipeline data "
+                    "validate` on the dataset to find its shard"
                 ) from None
         if self.train and self.crop.hflip:
             flip = self._rng.random(len(out)) < 0.5
@@ -178,7 +180,8 @@ def photo_dataset(
     elif train:
         shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
     ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
-    return ds.select_columns(["image", "label"]).map_batches(
+    # `id` rides along only to name an image that does not decode; DecodeCrop drops it.
+    return ds.select_columns(["image", "label", "id"]).map_batches(
         DecodeCrop(manifest.image.channels, crop, train),
         batch_format="numpy",
         batch_size=batch_size,

@@ -19,7 +19,8 @@ crops (`pipeline.data.ingest.DecodeCrop`), and the worker, on its device, option
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,29 +169,73 @@ def iter_split(
     resize: tuple[int, int] | None = None,
     normalization: Normalization | None = None,
     crop: CropConfig | None = None,
+    device: torch.device | None = None,
+    threads: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches of a whole split in one process (no Ray): the test split, `evaluate`
     and the promotion gate. `normalization`: a model's own (default: the manifest's). With
-    `crop`, the evaluation centre crop (`DecodeCrop`, train=False) then `to_float_normalized`:
-    the same pixels the validation split gets through Ray Data."""
+    `crop`, the evaluation centre crop (`DecodeCrop`, train=False) decoded by `threads` threads
+    (Pillow releases the GIL while it decodes and resizes; default: every core), then moved to
+    `device` as uint8 and normalised there (`to_float_normalized`): the same pixels the
+    validation split gets through Ray Data."""
     norm = normalization or manifest.normalization
-    if crop is not None:
-        decode = DecodeCrop(manifest.image.channels, crop, train=False)
-    else:
-        transform = BatchTransform(manifest.image, norm, None, resize=resize)
     root = st.resolve(uri, storage)
-    for shard in manifest.split(split).shards:
-        table = read_shard(root.join(shard.path))
-        for batch in table.to_batches(max_chunksize=batch_size):
-            labels = batch.column("label").to_numpy()
-            rows = {"image": batch.column("image").to_pylist(), "label": labels}
-            if crop is not None:
-                pixels = torch.from_numpy(decode(rows)["image"])
-                x = to_float_normalized(pixels, norm, channels_last=False)
-                yield x, torch.from_numpy(labels.astype(np.int64))
-            else:
-                out = transform(rows)
-                yield torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
+    tables = (read_shard(root.join(s.path)) for s in manifest.split(split).shards)
+    batches = (b for t in tables for b in t.to_batches(max_chunksize=batch_size))
+    if crop is not None:
+        yield from _iter_crops(batches, manifest, crop, norm, device, threads)
+        return
+    transform = BatchTransform(manifest.image, norm, None, resize=resize)
+    for batch in batches:
+        labels = batch.column("label").to_numpy()
+        rows = {"image": batch.column("image").to_pylist(), "label": labels}
+        out = transform(rows)
+        yield torch.from_numpy(out["image"]), torch.from_numpy(out["label"])
+
+
+def _iter_crops(batches, manifest: Manifest, crop: CropConfig, norm, device, threads):
+    from concurrent.futures import ThreadPoolExecutor
+
+    decode = DecodeCrop(manifest.image.channels, crop, train=False)
+    workers = threads or _cores()
+    with ThreadPoolExecutor(workers) as pool:
+        for batch in batches:
+            blobs, ids = batch.column("image").to_pylist(), batch.column("id").to_pylist()
+            labels = torch.from_numpy(batch.column("label").to_numpy().astype(np.int64))
+            step = max(1, -(-len(blobs) // workers))  # one slice per thread
+            parts = pool.map(
+                decode,
+                [
+                    {"image": blobs[i : i + step], "label": [], "id": ids[i : i + step]}
+                    for i in range(0, len(blobs), step)
+                ],
+            )
+            pixels = torch.from_numpy(np.concatenate([p["image"] for p in parts]))
+            if device is not None:
+                pixels = pixels.to(device)
+            yield to_float_normalized(pixels, norm, channels_last=False), labels
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def photo_batches(
+    batches: Iterable[dict[str, torch.Tensor]],
+    normalization: Normalization,
+    *,
+    policy: str = "none",
+    channels_last: bool = True,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A training worker's photograph batches: uint8 NHWC crops (on its device already) ->
+    `auto_augment(policy)` (uint8; "none": skipped) -> normalised float32 NCHW
+    (`to_float_normalized`). MixUp/CutMix come after, in the step."""
+    for b in batches:
+        x = b["image"] if policy == "none" else auto_augment(b["image"], policy)
+        x = to_float_normalized(x, normalization, channels_last=channels_last)
+        yield {"image": x, "label": b["label"]}
 
 
 # ---------------------------------------------------------------------------------------------

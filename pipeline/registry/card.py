@@ -23,6 +23,8 @@ RECIPE_PARAMS = (
     "model.name",
     "model.weights",
     "data.resize",
+    "data.crop.size",
+    "data.crop.auto_augment",
     "train.epochs",
     "train.batch_size",
     "train.optimizer",
@@ -123,11 +125,18 @@ def _input(manifest: dict[str, Any] | None, params: dict[str, str]) -> list[str]
     image = manifest.get("image", {})
     norm = manifest.get("normalization", {})
     c, h, w = (image.get(k, "?") for k in ("channels", "height", "width"))
-    shape = f"{c} channel(s), {h}x{w}"
+    shape = f"{c} channel(s), " + ("mixed sizes" if h is None else f"{h}x{w}")
     out = [f"- images: {shape} ({image.get('encoding', '?')})"]
     resize = params.get("data.resize")
     if resize and resize != "None":
         out.append(f"- resized (bilinear) to {resize} before the network")
+    crop = params.get("data.crop.size")
+    if crop and crop != "None":
+        ratio = params.get("data.crop.eval_crop_ratio", "?")
+        out.append(
+            f"- trained on random resized crops to {crop}x{crop}; evaluated and served on the "
+            f"centre crop: resize the shorter side to {crop}/{ratio}, then crop {crop}x{crop}"
+        )
     out.append(f"- normalised with mean {norm.get('mean')} and std {norm.get('std')}")
     return out
 

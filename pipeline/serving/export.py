@@ -212,6 +212,8 @@ def _pull_record(fmt, source, meta, check, staging: Path) -> dict[str, Any]:
         "input": {"name": "image", "shape": ["batch", c, h, w], "dtype": "float32"},
         "image": meta["image"],  # raw images: what `load` resizes and converts to
         "resize": meta.get("resize"),  # then bilinear to [height, width] before normalising
+        # or, for photographs of any size: Resize(size / eval_crop_ratio) + CenterCrop(size)
+        "crop": meta.get("crop"),
         "normalization": meta["normalization"],
         "check": check,
         "pulled_at": datetime.now(UTC).isoformat(timespec="seconds"),

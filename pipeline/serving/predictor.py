@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data import imaging
 from pipeline.data.shards import ImageSpec
-from pipeline.data.transform import BatchTransform
+from pipeline.data.transform import BatchTransform, to_float_normalized
 from pipeline.errors import ServingError
-from pipeline.model_package import input_resize, preprocessing, rebuild
+from pipeline.model_package import EvalCrop, eval_crop, input_resize, preprocessing, rebuild
 from pipeline.serving.fetch import download
 from pipeline.serving.pulled import FORMATS, ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE, verify_pulled
 from pipeline.tags import PULL_META_FILE
@@ -39,14 +40,18 @@ ImageInput = Any  # np.ndarray (HxW, HxWxC, or NxHxWxC), PIL.Image.Image, bytes 
 Forward = Callable[[np.ndarray], np.ndarray]  # normalised float32 NCHW -> logits (N, classes)
 
 
-def to_pixels(images: ImageInput | Sequence[ImageInput], image: ImageSpec) -> np.ndarray:
-    """One image or a list -> (N, H, W, C) uint8 at the model's size and channels."""
+def to_pixels(
+    images: ImageInput | Sequence[ImageInput], image: ImageSpec, crop: EvalCrop | None = None
+) -> np.ndarray:
+    """One image or a list -> (N, H, W, C) uint8 at the model's size and channels: the
+    dataset's fixed size, or with `crop` the evaluation centre crop of an image of any size."""
     items = _as_list(images)
-    out = np.empty((len(items), image.height, image.width, image.channels), np.uint8)
+    h, w = (crop.size, crop.size) if crop else (image.height, image.width)
+    out = np.empty((len(items), h, w, image.channels), np.uint8)
     for i, item in enumerate(items):
         try:
-            out[i] = _one_image(item, image)
-        except ValueError as exc:
+            out[i] = _one_image(item, image, crop)
+        except ValueError as exc:  # imaging.ImageDecodeError included
             raise ServingError(f"image {i}: {exc}") from None
     return out
 
@@ -59,7 +64,7 @@ def _as_list(images: Any) -> list[Any]:
     return [images]
 
 
-def _one_image(item: Any, image: ImageSpec) -> np.ndarray:
+def _one_image(item: Any, image: ImageSpec, crop: EvalCrop | None) -> np.ndarray:
     from PIL import Image
 
     if isinstance(item, bytes | bytearray | memoryview):
@@ -76,13 +81,13 @@ def _one_image(item: Any, image: ImageSpec) -> np.ndarray:
             if width * height > MAX_IMAGE_PIXELS:
                 raise ValueError(_too_many_pixels(f"{width}x{height}"))
             try:
-                return _from_pil(img, image)
+                return _from_pil(img, image, crop)
             except (OSError, SyntaxError) as exc:
                 raise ValueError(f"bytes do not decode as an image ({exc})") from None
     if isinstance(item, Image.Image):
-        return _from_pil(item, image)
+        return _from_pil(item, image, crop)
     if isinstance(item, np.ndarray):
-        return _from_array(item, image)
+        return _from_array(item, image, crop)
     raise ValueError(
         f"unsupported input {type(item).__name__}; pass a uint8 array (HxW or HxWxC), a PIL "
         "image or PNG/JPEG bytes"
@@ -93,7 +98,7 @@ def _too_many_pixels(what: str) -> str:
     return f"{what} has more pixels than the limit of {MAX_IMAGE_PIXELS:,}; resize it first"
 
 
-def _from_array(pixels: np.ndarray, image: ImageSpec) -> np.ndarray:
+def _from_array(pixels: np.ndarray, image: ImageSpec, crop: EvalCrop | None) -> np.ndarray:
     from PIL import Image
 
     if pixels.dtype != np.uint8:
@@ -108,14 +113,23 @@ def _from_array(pixels: np.ndarray, image: ImageSpec) -> np.ndarray:
             f"array of shape {pixels.shape}: expected HxW or HxWxC with C in 1, 3, 4 (a batch: "
             "a list of images or an NxHxWxC array)"
         )
-    if pixels.shape == (image.height, image.width, image.channels):
+    if crop is None and pixels.shape == (image.height, image.width, image.channels):
         return pixels  # already what the dataset stores: no conversion at all
-    return _from_pil(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), image)
+    img = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    return _from_pil(img, image, crop)
 
 
-def _from_pil(img: Any, image: ImageSpec) -> np.ndarray:
+def _from_pil(img: Any, image: ImageSpec, crop: EvalCrop | None = None) -> np.ndarray:
     from PIL import Image, ImageOps
 
+    if crop is not None:
+        # Photographs: the importer stored them upright (EXIF applied) and evaluation takes the
+        # centre crop of the stored image (`DecodeCrop`, train=False). An image that needs no
+        # rotation is cropped still unloaded, so a JPEG decodes at the same reduced DCT scale
+        # (draft mode) as in training, giving the same pixels.
+        if img.getexif().get(imaging.ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+        return imaging.evaluation_crop(img, crop.size, crop.ratio, image.channels)
     # The dataset import's steps (pipeline.data.imaging.prepare): apply the EXIF orientation,
     # convert the mode, then bilinear resize.
     img = ImageOps.exif_transpose(img).convert("L" if image.channels == 1 else "RGB")
@@ -140,13 +154,18 @@ class Predictor:
         self.image, self.normalization = preprocessing(meta)
         self.classes: list[str] = list(meta["classes"])
         self._forward = forward
+        self.crop = eval_crop(meta)
         self._transform = BatchTransform(
             self.image, self.normalization, augment=None, resize=input_resize(meta)
         )
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """The normalised float32 NCHW batch the network sees."""
-        return self._transform.to_tensor(to_pixels(images, self.image)).numpy()
+        pixels = to_pixels(images, self.image, self.crop)
+        if self.crop is not None:
+            x = to_float_normalized(torch.from_numpy(pixels), self.normalization)
+            return x.contiguous().numpy()
+        return self._transform.to_tensor(pixels).numpy()
 
     def logits(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         x = self.preprocess(images)

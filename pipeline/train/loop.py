@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.config import PipelineConfig
 from pipeline.data.shards import Manifest
-from pipeline.data.transform import BatchTransform, WorkerCache, iter_split
+from pipeline.data.transform import BatchTransform, WorkerCache, iter_split, photo_batches
 from pipeline.models.dynamic_conv import set_temperature, temperature_at
 from pipeline.models.transfer import freeze_backbone, load_weights, parameter_groups
 from pipeline.models.zoo import build_model
@@ -55,10 +55,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def input_shape(cfg: PipelineConfig, manifest: Manifest) -> tuple[int, int, int]:
+    """(C, H, W) of what the network sees: the crop's square (`data.crop`, photographs of any
+    size), else the stored size, bilinearly resized to `data.resize` when set."""
+    c = manifest.image.channels
+    if cfg.data.crop is not None:
+        return (c, cfg.data.crop.size, cfg.data.crop.size)
+    _, h, w = manifest.image.shape
+    return (c, *(cfg.data.resize or (h, w)))
+
+
 def model_for(cfg: PipelineConfig, manifest: Manifest) -> nn.Module:
     """The configured model for this dataset, with transferred weights when configured."""
-    c, h, w = manifest.image.shape
-    h, w = cfg.data.resize or (h, w)
+    c, h, w = input_shape(cfg, manifest)
     num_classes = cfg.model.num_classes or manifest.num_classes
     model = build_model(
         cfg.model,
@@ -247,17 +256,21 @@ def train_loop_per_worker(loop_config: LoopConfig) -> None:
 
 class _WorkerData:
     """This worker's train and val batches, epoch by epoch: streamed from its Ray Dataset
-    shards, or after the first epoch from its in-memory cache (LoopConfig.cache)."""
+    shards, or after the first epoch from its in-memory cache (LoopConfig.cache). Photographs
+    (`data.crop`) arrive as uint8 NHWC crops on the worker's device and are converted there
+    (`photo_batches`: auto-augment, float, normalise); MixUp/CutMix follow in the step."""
 
     def __init__(self, cfg, manifest, rank: int, start_epoch: int, cache: bool, device) -> None:
         import ray.train
 
-        self.cfg, self.rank, self.device = cfg, rank, device
+        self.cfg, self.manifest, self.rank, self.device = cfg, manifest, rank, device
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.batch = per_worker_batch(cfg)
         self.val_batch = max(self.batch, 256)
         self.cache = self.val_cache = None
+        # uint8 crops go to the GPU through pinned memory (asynchronous copies)
+        self._pin = cfg.data.crop is not None and device.type == "cuda"
         if cache:
             augment_seed = cfg.train.seed * 7919 + rank * 104_729 + start_epoch
             resize = cfg.data.resize
@@ -281,15 +294,36 @@ class _WorkerData:
             local_shuffle_buffer_size=max(4 * self.batch, 1024),
             local_shuffle_seed=shuffle_seed,
             device="cpu" if self.cache is not None else self.device,
+            pin_memory=self._pin,
         )
-        return self.cache.fill(batches) if self.cache is not None else batches
+        if self.cache is not None:
+            return self.cache.fill(batches)
+        return self._photos(batches, train=True)
 
     def val_batches(self) -> Iterable[Any]:
         if self.val_cache is not None and self.val_cache.ready:
             return self.val_cache.epoch(self.val_batch, seed=None, drop_last=False)
         if self.val_cache is not None:
             return self.val_cache.fill(self.val_shard.iter_torch_batches(batch_size=self.val_batch))
-        return self.val_shard.iter_torch_batches(batch_size=self.val_batch, device=self.device)
+        batches = self.val_shard.iter_torch_batches(
+            batch_size=self.val_batch,
+            device=self.device,
+            pin_memory=self._pin,
+        )
+        return self._photos(batches, train=False)
+
+    def _photos(self, batches: Iterable[Any], *, train: bool) -> Iterable[Any]:
+        """Photographs' uint8 crops -> normalised float on this device; other datasets' batches
+        come normalised from Ray Data already."""
+        crop = self.cfg.data.crop
+        if crop is None:
+            return batches
+        return photo_batches(
+            batches,
+            self.manifest.normalization,
+            policy=crop.auto_augment if train else "none",
+            channels_last=self.cfg.train.channels_last,
+        )
 
 
 def train_one_epoch(
@@ -500,6 +534,8 @@ class _RankZeroTracker:
                 cfg.data.test_split,
                 storage=cfg.storage,
                 resize=cfg.data.resize,
+                crop=cfg.data.crop,
+                device=next(model.parameters()).device,
             ),
             manifest.num_classes,
             device=next(model.parameters()).device,

@@ -122,7 +122,11 @@ def _check_mlflow_weights(uri: str, tracking_uri: str) -> None:
 
 
 def cache_in_workers(cfg: PipelineConfig, manifest: Manifest) -> bool:
-    """Whether workers keep their decoded train and val shards in memory (DataConfig.cache)."""
+    """Whether workers keep their decoded train and val shards in memory (DataConfig.cache).
+    Never for photographs (`data.crop`): each epoch's random crops are drawn afresh from the
+    encoded images, and mixed sizes have no one decoded size to budget for."""
+    if cfg.data.crop is not None:
+        return False
     if cfg.data.cache != "auto":
         return cfg.data.cache == "always"
     rows = manifest.split(cfg.data.train_split).rows + manifest.split(cfg.data.val_split).rows
@@ -131,9 +135,17 @@ def cache_in_workers(cfg: PipelineConfig, manifest: Manifest) -> bool:
 
 
 def _datasets(cfg: PipelineConfig, dataset: DatasetHandle, cache: bool) -> dict[str, Any]:
-    from pipeline.data.ingest import ray_dataset
+    from pipeline.data.ingest import photo_dataset, ray_dataset
 
     split, manifest = cfg.data, dataset.manifest
+    if split.crop is not None:  # photographs: uint8 crops; the worker normalises on its device
+        common = {"crop": split.crop, "storage": cfg.storage, "batch_size": per_worker_batch(cfg)}
+        return {
+            "train": photo_dataset(
+                dataset.uri, manifest, split.train_split, train=True, seed=cfg.train.seed, **common
+            ),
+            "val": photo_dataset(dataset.uri, manifest, split.val_split, train=False, **common),
+        }
     return {
         "train": ray_dataset(
             dataset.uri,

@@ -40,4 +40,6 @@ def test_gpu_check_dry_run_passes_every_check_and_writes_one_json(tmp_path):
     assert checks["fault"]["killed"] and checks["fault"]["val_acc_steps"] == [0, 1]
     assert checks["compile"]["graphs_after_each_epoch"][0] >= 1
     assert checks["pull"]["torchscript"]["images_off"] <= 1
+    # the photograph path ran (JPEG import, crops, evaluate), not just its slot
+    assert "skipped" not in checks["jpeg"] and checks["jpeg"]["images_off"] <= 1
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == report
