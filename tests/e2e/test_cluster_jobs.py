@@ -401,12 +401,12 @@ def _hold_cpus(address: str, cpus: int) -> str:
 @pytest.mark.slow
 def test_a_stall_nobody_could_foresee_is_reported_and_fails_the_run(ray_cluster, tmp_path):
     """The cluster holds the run on paper (1 worker + 1 data CPU of 3) but another job holds
-    2 CPUs: the workers cannot be placed. The driver says what Ray waits for, then gives up."""
+    every CPU: the workers cannot be placed. The driver says what Ray waits for, then gives up."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.tags import FAILURE_REASON_TAG
 
-    holder = _hold_cpus(ray_cluster.address, 2)
+    holder = _hold_cpus(ray_cluster.address, 3)
     try:
         name = f"stall-{uuid.uuid4().hex[:6]}"
         job = digits_job(
@@ -421,7 +421,8 @@ def test_a_stall_nobody_could_foresee_is_reported_and_fails_the_run(ray_cluster,
     assert result.returncode == 1 and "FAILED" in result.stderr, result.stderr
     log = result.stdout
     assert "no progress from the workers for" in log and "waiting for:" in log, log[-3000:]
-    assert "free" in log and "run.stall_timeout_s=30" in log  # the resources it was short of
+    assert "CPU 0 of 3 free" in log and "no CPU is free" in log, log[-3000:]
+    assert "run.stall_timeout_s=30" in log
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(
         [client.get_experiment_by_name("digits").experiment_id],
