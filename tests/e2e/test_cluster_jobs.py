@@ -421,8 +421,7 @@ def test_a_stall_nobody_could_foresee_is_reported_and_fails_the_run(ray_cluster,
     assert result.returncode == 1 and "FAILED" in result.stderr, result.stderr
     log = result.stdout
     assert "no progress from the workers for" in log and "waiting for:" in log, log[-3000:]
-    assert "CPU 0 of 3 free" in log and "no CPU is free" in log, log[-3000:]
-    assert "run.stall_timeout_s=30" in log
+    assert "waiting for: CPU" in log and "run.stall_timeout_s=30" in log, log[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(
         [client.get_experiment_by_name("digits").experiment_id],
