@@ -56,7 +56,7 @@ SCHEMA = pa.schema(
 
 
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-SHARD_NAME = re.compile(r"part-[0-9]{5}(-[0-9a-f]{8})?\.parquet")
+SHARD_NAME = re.compile(r"part-[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.parquet")  # no "/" or ".."
 
 
 class ShardInfo(BaseModel):
@@ -193,7 +193,9 @@ class Manifest(BaseModel):
 
 
 def check_shard_path(split: str, path: str) -> None:
-    """A shard path must be `<split>/part-NNNNN[-id].parquet`: never `..`, never absolute."""
+    """A shard path must be `<split>/part-<name>.parquet` (the pipeline writes part-NNNNN and
+    part-NNNNN-<id>; appended shards may name themselves): one file directly in its split's
+    folder, never `..`, never absolute."""
     head, _, name = path.partition("/")
     if head != split or not SHARD_NAME.fullmatch(name):
         raise ValueError(
