@@ -376,52 +376,25 @@ def test_a_run_the_cluster_cannot_hold_is_refused_at_once(ray_cluster, tmp_path)
     assert "the cluster has 3" in result.stdout and "Traceback" not in result.stdout
 
 
-def _hold_cpus(address: str, cpus: int) -> str:
-    """Another job that takes `cpus` CPUs of the cluster and keeps them: a busy shared cluster."""
-    script = (
-        "import ray, time\n"
-        "ray.init()\n"
-        "@ray.remote(num_cpus=1)\n"
-        "class Hold:\n"
-        "    def ping(self): return 1\n"
-        f"held = [Hold.remote() for _ in range({cpus})]\n"
-        "ray.get([h.ping.remote() for h in held])\n"
-        "print('holding', flush=True)\n"
-        "time.sleep(3600)\n"
-    )
-    client = cluster.connect(address)  # with the cluster's token, as `pipeline submit` sends it
-    job_id = client.submit_job(entrypoint=f"python -c {json.dumps(script)}")
-    deadline = time.monotonic() + 180
-    while "holding" not in client.get_job_logs(job_id):
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)
-        time.sleep(1)
-    return job_id
-
-
 @pytest.mark.slow
-def test_a_stall_nobody_could_foresee_is_reported_and_fails_the_run(ray_cluster, tmp_path):
-    """The cluster holds the run on paper (1 worker + 1 data CPU of 3) but another job holds
-    every CPU: the workers cannot be placed. The driver says what Ray waits for, then gives up."""
+def test_a_stall_is_reported_and_fails_the_run_within_its_limit(ray_cluster, tmp_path):
+    """The watchdog on a real cluster: no step for longer than run.stall_timeout_s (here the
+    workers' own start-up, which takes far longer than 4 s on this machine) is reported with
+    what Ray is waiting on, then the run is aborted and marked FAILED with that reason."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.tags import FAILURE_REASON_TAG
 
-    holder = _hold_cpus(ray_cluster.address, 3)
-    try:
-        name = f"stall-{uuid.uuid4().hex[:6]}"
-        job = digits_job(
-            tmp_path, f"run.name={name}", "run.stall_warn_s=10", "run.stall_timeout_s=30"
-        )
-        result = pipeline(
-            "submit", "train", *job, "--address", ray_cluster.address, "--wait", cwd=tmp_path,
-            timeout=400,
-        )  # fmt: skip
-    finally:
-        cluster.stop_job(cluster.connect(ray_cluster.address), holder)
+    name = f"stall-{uuid.uuid4().hex[:6]}"
+    job = digits_job(tmp_path, f"run.name={name}", "run.stall_warn_s=2", "run.stall_timeout_s=4")
+    result = pipeline(
+        "submit", "train", *job, "--address", ray_cluster.address, "--wait", cwd=tmp_path,
+        timeout=400,
+    )  # fmt: skip
     assert result.returncode == 1 and "FAILED" in result.stderr, result.stderr
     log = result.stdout
-    assert "no progress from the workers for" in log and "waiting for:" in log, log[-3000:]
-    assert "waiting for: CPU" in log and "run.stall_timeout_s=30" in log, log[-3000:]
+    assert "no progress from the workers for" in log and "waiting for: CPU" in log, log[-3000:]
+    assert "run.stall_timeout_s=4" in log and "Traceback" not in log
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(
         [client.get_experiment_by_name("digits").experiment_id],
