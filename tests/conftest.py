@@ -260,6 +260,10 @@ def ray_session(moto):
         # The node's address: 127.0.0.1, not the machine's outward interface (Ray picks that on
         # Linux; on macOS/Windows it uses loopback). Tests talk to 127.0.0.1 only.
         mp.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", False)
+        # A Ray that an earlier test started implicitly (Ray Data starts one on first use) lacks
+        # the variables: this session's Ray is the one started here.
+        if ray.is_initialized():
+            ray.shutdown()
         # 4 CPU slots (not cores): two 1-worker Tune trials side by side plus one for Ray Data.
         init_ray(load_config(None, ["scaling.num_cpus=4"]))
     yield

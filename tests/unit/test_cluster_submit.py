@@ -1,6 +1,6 @@
 """What `pipeline submit` forwards to a cluster (README, CLI: "ships the project without `.venv`,
 `data/`, `runs/`, MLflow stores and Parquet, plus the config files; forwards
-`MLFLOW_TRACKING_URI` and `AWS_*`"): the job's environment, its working_dir and entrypoint.
+`MLFLOW_TRACKING_URI` and where S3 is"): the job's environment, its working_dir and entrypoint.
 No cluster needed; tests/e2e/test_cluster_jobs.py submits for real."""
 
 from __future__ import annotations
@@ -25,27 +25,28 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-def test_forwards_mlflow_and_every_aws_variable_that_is_set(clean_env):
+def test_forwards_where_mlflow_and_s3_are_but_no_credential(clean_env, tmp_path):
     values = {name: f"value-of-{name.lower()}" for name in FORWARDED_ENV}
     for name, value in values.items():
         clean_env.setenv(name, value)
     clean_env.setenv("HOME_SECRET", "not for the cluster")
-    clean_env.setenv("MLFLOW_TRACKING_PASSWORD", "only with --env")
-    assert job_env() == values
-    assert {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(values)
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "only with --forward-credentials")
+    clean_env.setenv("MLFLOW_TRACKING_PASSWORD", "only with --forward-credentials")
+    assert job_env(project_dir=tmp_path) == values  # tmp_path: no git checkout, no commit
+    assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_REGION"} <= set(values)
 
 
-def test_forwards_nothing_unset_or_empty(clean_env):
+def test_forwards_nothing_unset_or_empty(clean_env, tmp_path):
     clean_env.setenv("AWS_REGION", "")
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert job_env() == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
+    assert job_env(project_dir=tmp_path) == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
 
 
-def test_env_pairs_are_added_and_win(clean_env):
+def test_env_pairs_are_added_and_win(clean_env, tmp_path):
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     extra = parse_env(["MLFLOW_TRACKING_URI=http://mlflow:5000", "EXTRA=a=b", "EMPTY="])
     assert extra == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "EXTRA": "a=b", "EMPTY": ""}
-    assert job_env(extra) == extra
+    assert job_env(extra, project_dir=tmp_path) == extra
 
 
 @pytest.mark.parametrize("pair", ["NOVALUE", "1ABC=x", "A-B=x", "=x"])

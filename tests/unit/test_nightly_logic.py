@@ -35,29 +35,52 @@ def manifest(shards: dict[str, list[tuple[str, str, int]]]) -> Manifest:
     )
 
 
-OLD = {"train": [("train/p0", "aa", 10)], "test": [("test/p0", "bb", 5)]}
+OLD = {
+    "train": [("train/part-00000.parquet", "aa", 10)],
+    "test": [("test/part-00000.parquet", "bb", 5)],
+}
 
 
 def test_no_change_when_digest_and_shards_match():
     m = manifest(OLD)
-    change = diff_data(m, "uri", m.digest, {"train/p0": "aa", "test/p0": "bb"})
+    change = diff_data(
+        m, "uri", m.digest, {"train/part-00000.parquet": "aa", "test/part-00000.parquet": "bb"}
+    )
     assert not change.changed and change.new_shards == [] and change.removed_shards == []
     assert change.rows == 15
 
 
 def test_new_and_removed_shards_by_hash():
     m = manifest(
-        {"train": [("train/p0", "aa", 10), ("train/p1", "cc", 7)], "test": [("test/p9", "dd", 5)]}
+        {
+            "train": [
+                ("train/part-00000.parquet", "aa", 10),
+                ("train/part-00001.parquet", "cc", 7),
+            ],
+            "test": [("test/part-00009.parquet", "dd", 5)],
+        }
     )
-    change = diff_data(m, "uri", "old-digest", {"train/p0": "aa", "test/p0": "bb"})
+    change = diff_data(
+        m, "uri", "old-digest", {"train/part-00000.parquet": "aa", "test/part-00000.parquet": "bb"}
+    )
     assert change.changed
-    assert change.new_shards == ["test/p9", "train/p1"] and change.new_rows == 12
-    assert change.removed_shards == ["test/p0"]
+    assert (
+        change.new_shards == ["test/part-00009.parquet", "train/part-00001.parquet"]
+        and change.new_rows == 12
+    )
+    assert change.removed_shards == ["test/part-00000.parquet"]
 
 
 def test_a_renamed_shard_with_the_same_bytes_is_not_new():
-    m = manifest({"train": [("train/renamed", "aa", 10)], "test": [("test/p0", "bb", 5)]})
-    change = diff_data(m, "uri", "old", {"train/p0": "aa", "test/p0": "bb"})
+    m = manifest(
+        {
+            "train": [("train/part-renamed.parquet", "aa", 10)],
+            "test": [("test/part-00000.parquet", "bb", 5)],
+        }
+    )
+    change = diff_data(
+        m, "uri", "old", {"train/part-00000.parquet": "aa", "test/part-00000.parquet": "bb"}
+    )
     assert change.new_shards == [] and change.removed_shards == []
 
 
@@ -65,7 +88,10 @@ def test_without_the_champions_shard_list_every_shard_counts_as_new():
     m = manifest(OLD)
     change = diff_data(m, "uri", "other", None)
     assert change.changed and not change.shard_list_known
-    assert change.new_shards == ["test/p0", "train/p0"] and change.new_rows == 15
+    assert (
+        change.new_shards == ["test/part-00000.parquet", "train/part-00000.parquet"]
+        and change.new_rows == 15
+    )
     assert not diff_data(m, "uri", m.digest, None).new_shards
     assert diff_data(m, "uri", None, None).changed  # no champion at all
 
@@ -106,7 +132,7 @@ def test_report_markdown_names_the_data_and_the_decision():
             uri="s3://b/d",
             digest="f" * 64,
             champion_digest="e" * 64,
-            new_shards=["train/p1"],
+            new_shards=["train/part-00001.parquet"],
             new_rows=7,
             rows=22,
         ),
@@ -115,5 +141,5 @@ def test_report_markdown_names_the_data_and_the_decision():
     )
     text = report.to_markdown()
     assert "# Nightly 2026-11-28: refused" in text
-    assert "train/p1" in text and "7 rows of 22" in text and "s3://b/d" in text
+    assert "train/part-00001.parquet" in text and "7 rows of 22" in text and "s3://b/d" in text
     assert "champion before: v1, after: v1" in text and "models:/m/1" in text
