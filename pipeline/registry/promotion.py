@@ -129,10 +129,12 @@ def decide(
     return True, f"better by at least the margin {min_improvement:g}: {scores}"
 
 
-def _evaluate(model_dir: Path, version: str, data_uri: str, split: str, storage) -> Evaluation:
+def _evaluate(
+    model_dir: Path, version: str, data_uri: str, split: str, storage, verify: bool = True
+) -> Evaluation:
     from pipeline.evaluation import evaluate_model
 
-    result = evaluate_model(str(model_dir), data_uri, split, storage)
+    result = evaluate_model(str(model_dir), data_uri, split, storage, verify=verify)
     rows = [sum(row) for row in result["confusion"]]
     return Evaluation(
         version=version,
@@ -174,7 +176,10 @@ class _Evaluator:
             local = download_version(self.client, self.name, version, self.tmp / f"v{version}")
             if self.data_uri is None:  # the candidate (evaluated first) names the data
                 self.data_uri = _dataset_uri(local, self.name, version)
-            self._done[version] = _evaluate(local, version, self.data_uri, self.split, self.storage)
+            verify = not self._done  # one split, read and hashed once for both models
+            self._done[version] = _evaluate(
+                local, version, self.data_uri, self.split, self.storage, verify
+            )
         return self._done[version]
 
 
