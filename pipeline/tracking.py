@@ -141,7 +141,7 @@ def start_or_resume_run(
     A restarted worker passes the run id kept in its checkpoint, so the whole training shows up
     as one MLflow run.
     """
-    mlflow.set_tracking_uri(uri)
+    use_server(uri)
     client = MlflowClient(uri)
     location = artifact_location or default_artifact_location(uri, experiment)
     experiment_id = _experiment_id(client, experiment, location)
@@ -160,6 +160,18 @@ def start_or_resume_run(
     if tags:
         mlflow.set_tags(tags)
     return run_id
+
+
+def use_server(uri: str) -> None:
+    """Make `uri` MLflow's global tracking *and* registry URI.
+
+    The registry is the tracking server's own. MLflow keeps the two apart: `set_tracking_uri`
+    leaves an earlier registry URI in place (and in the MLFLOW_REGISTRY_URI variable that child
+    processes inherit), and `models:/` URIs, `register_model` and every client built without an
+    explicit registry URI then talk to that other server.
+    """
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
 
 
 def default_artifact_location(uri: str, experiment: str) -> str | None:

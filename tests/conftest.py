@@ -32,6 +32,59 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.quick)
 
 
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _mlflow_uri_globals():
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return tracking_utils, registry_utils
+
+
+@contextlib.contextmanager
+def mlflow_uris_kept() -> Iterator[None]:
+    """Put MLflow's tracking and registry URIs back on exit: the process globals and the
+    variables (MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI) that child processes inherit.
+    `set_tracking_uri` alone leaves a registry URI set on the way (registration, `models:/`
+    downloads) pointing at a server a later test does not use."""
+    saved_env = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    saved = (None, None)
+    if "mlflow" in sys.modules:
+        tracking_utils, registry_utils = _mlflow_uri_globals()
+        saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:
+            tracking_utils, registry_utils = _mlflow_uri_globals()
+            tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def mlflow_state_is_per_test() -> Iterator[None]:
+    """MLflow's process-wide state does not outlive a test: its URIs are put back, and a run the
+    test left active is ended and fails the test. Without this, one test's registry URI leaked
+    into every later `pipeline` subprocess and in-process registration (the server answered
+    500), and one leaked run broke every later `start_run`."""
+    with mlflow_uris_kept():
+        yield
+        mlflow = sys.modules.get("mlflow")
+        leaked = mlflow.active_run() if mlflow is not None else None
+        while mlflow is not None and mlflow.active_run() is not None:
+            with contextlib.suppress(Exception):  # its server may be gone already
+                mlflow.end_run(status="KILLED")
+            if mlflow.active_run() is not None:
+                mlflow.tracking.fluent._active_run_stack.get().clear()
+    if leaked is not None:
+        pytest.fail(f"the test left MLflow run {leaked.info.run_id} active (end it)")
+
+
 def free_port() -> int:
     """A port nothing listens on right now. Another process may take it before our server binds
     it: `start_on_free_port` checks who got it and retries."""

@@ -89,10 +89,10 @@ def _read_mlflow_weights(source: str, tracking_uri: str | None) -> dict[str, tor
     from mlflow.exceptions import MlflowException
 
     from pipeline.storage import mask_credentials
+    from pipeline.tracking import use_server
 
-    if tracking_uri:  # workers do not inherit the driver's MLflow settings; models:/ URIs
-        mlflow.set_tracking_uri(tracking_uri)  # resolve against the registry, which follows
-        mlflow.set_registry_uri(tracking_uri)  # the tracking URI only when it is set globally
+    if tracking_uri:  # workers do not inherit the driver's MLflow settings, and models:/ URIs
+        use_server(tracking_uri)  # resolve against the global registry URI
     with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
         try:
             local = Path(

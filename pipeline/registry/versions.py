@@ -36,9 +36,11 @@ def register_run_model(cfg: PipelineConfig, run_id: str):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking import use_server
+
     uri = cfg.tracking.resolved_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    use_server(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     run = client.get_run(run_id)
     version = mlflow.register_model(
         logged_model_uri(client, run, "model"), cfg.registry.model_name, tags=version_tags(run)
@@ -80,16 +82,15 @@ def connect(tracking_uri: str, timeout_s: float = 10.0):
 
     MLflow's own HTTP retries take about four minutes to give up on a dead server; checking
     /health first turns that into a clear error naming the URI within `timeout_s`. The URI also
-    becomes MLflow's global one, which `models:/` downloads use.
+    becomes MLflow's global tracking and registry URI, which `models:/` downloads use.
     """
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import check_tracking_server
+    from pipeline.tracking import check_tracking_server, use_server
 
     check_tracking_server(tracking_uri, timeout_s)
-    mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri)
+    use_server(tracking_uri)
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.data.shards import Manifest
+from tests.conftest import mlflow_uris_kept
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = str(REPO / "jobs" / "configs" / "digits.yaml")
@@ -108,16 +109,14 @@ def _tiny_registered_model(root: Path, tracking: str, data: str) -> None:
          "tracking.experiment=cli-errors"],
     )  # fmt: skip
     manifest = read_manifest(data)
-    previous = mlflow.get_tracking_uri()
-    try:
-        run_id = start_or_resume_run(tracking, "cli-errors", run_name="tiny")
-        torch.manual_seed(0)
-        log_pipeline_model(model_for(cfg, manifest), cfg, manifest)
-        mlflow.end_run()
+    with mlflow_uris_kept():
+        try:
+            run_id = start_or_resume_run(tracking, "cli-errors", run_name="tiny")
+            torch.manual_seed(0)
+            log_pipeline_model(model_for(cfg, manifest), cfg, manifest)
+        finally:
+            mlflow.end_run()
         register_run_model(cfg, run_id)
-    finally:
-        mlflow.end_run()
-        mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="module")

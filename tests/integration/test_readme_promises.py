@@ -29,6 +29,7 @@ from pipeline import serving
 from pipeline.cli import app
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.tags import PULL_META_FILE, WEIGHTS_FILE
+from tests.conftest import mlflow_uris_kept
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +54,8 @@ def env(mlflow_server):
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        previous = mlflow.get_tracking_uri()
-        yield mlflow_server
-        mlflow.set_tracking_uri(previous)
+        with mlflow_uris_kept():
+            yield mlflow_server
 
 
 def _model_dir_on_server(server, client: MlflowClient, name: str, version: str) -> Path:

@@ -46,6 +46,7 @@ from pipeline.registry import (
 from pipeline.tags import CHAMPION, PREVIOUS_CHAMPION, PROMOTION_LOCK_TAG, ROLLED_BACK_TAG
 from pipeline.tracking import log_params_flat, standard_tags, start_or_resume_run
 from pipeline.train.loop import model_for
+from tests.conftest import mlflow_uris_kept
 
 pytestmark = pytest.mark.slow
 
@@ -143,9 +144,8 @@ def env(mlflow_server, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        previous = mlflow.get_tracking_uri()
-        yield mlflow_server
-        mlflow.set_tracking_uri(previous)
+        with mlflow_uris_kept():
+            yield mlflow_server
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from pipeline.registry import best_runs, connect, promote, rollback
 from pipeline.tags import CHAMPION, PREVIOUS_CHAMPION, ROLLED_BACK_TAG
-from tests.conftest import MlflowServer, free_port, running_mlflow_server
+from tests.conftest import MlflowServer, free_port, mlflow_uris_kept, running_mlflow_server
 from tests.integration.test_registry import (
     FAST_LOCK,
     _accuracy,
@@ -55,9 +54,8 @@ def pg_mlflow(postgres_server, tmp_path_factory):
     ):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        previous = mlflow.get_tracking_uri()
-        yield MlflowServer(uri, root, log)
-        mlflow.set_tracking_uri(previous)
+        with mlflow_uris_kept():
+            yield MlflowServer(uri, root, log)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from pipeline.evaluation import evaluate_model
 from pipeline.registry import connect, promote
 from pipeline.serving import FORMATS, load, pull, sha256_file, to_pixels
 from pipeline.tags import CHAMPION, PULL_META_FILE
-from tests.conftest import free_port, stop
+from tests.conftest import free_port, mlflow_uris_kept, stop
 from tests.integration.test_registry import FAST_LOCK
 from tests.support import REPO, untrained_accuracy
 
@@ -49,9 +49,8 @@ def env(mlflow_server):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        previous = mlflow.get_tracking_uri()
-        yield mlflow_server
-        mlflow.set_tracking_uri(previous)
+        with mlflow_uris_kept():
+            yield mlflow_server
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from pipeline.tracking import (
     standard_tags,
     start_or_resume_run,
 )
+from tests.conftest import mlflow_uris_kept
 
 pytestmark = pytest.mark.quick
 
@@ -67,9 +68,8 @@ class Store:
 def store(tmp_path_factory) -> Iterator[Store]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from tests
-        previous = mlflow.get_tracking_uri()
-        yield Store(tmp_path_factory.mktemp("mlflow"))
-        mlflow.set_tracking_uri(previous)
+        with mlflow_uris_kept():
+            yield Store(tmp_path_factory.mktemp("mlflow"))
 
 
 @pytest.fixture(autouse=True)
@@ -290,13 +290,10 @@ def test_a_sqlite_store_keeps_artifacts_beside_it_not_in_the_working_directory(
     store.mkdir()
     monkeypatch.chdir(cwd)
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    try:
+    with mlflow_uris_kept():
         run_id = start_or_resume_run(uri, "an experiment/1")
         mlflow.log_text("hello", "note.txt")
         mlflow.end_run()
-    finally:
-        mlflow.set_tracking_uri(previous)
     artifact_uri = MlflowClient(uri).get_run(run_id).info.artifact_uri
     assert artifact_uri.startswith((store / "mlartifacts" / "an_experiment_1").as_uri())
     assert (store / "mlartifacts" / "an_experiment_1" / run_id / "artifacts" / "note.txt").is_file()
