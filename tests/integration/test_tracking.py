@@ -321,3 +321,18 @@ def test_a_deleted_experiment_is_a_user_error_naming_it(store):
     client.delete_experiment(experiment.experiment_id)
     with pytest.raises(PipelineError, match=rf"experiment '{experiment.name}' is deleted"):
         start_or_resume_run(store.uri, experiment.name)
+
+
+def test_the_registry_is_the_tracking_servers_even_after_another_was_set(tmp_path):
+    """A registry URI left from earlier (here, or inherited as MLFLOW_REGISTRY_URI) must not
+    take registrations and `models:/` lookups to another server once a run starts."""
+    import os
+
+    other, mine = (f"sqlite:///{tmp_path / name}" for name in ("other.db", "mine.db"))
+    mlflow.set_registry_uri(other)
+    assert os.environ["MLFLOW_REGISTRY_URI"] == other
+    start_or_resume_run(mine, "registry-follows")
+    mlflow.end_run()
+    assert mlflow.get_registry_uri() == mine
+    assert os.environ["MLFLOW_REGISTRY_URI"] == mine
+    assert MlflowClient(mine)._registry_uri == mine
