@@ -52,16 +52,22 @@ class LoopHooks:
 @dataclass
 class KillWorkerOnce(LoopHooks):
     """The last worker's process exits (os._exit: no exception, no clean-up) halfway through
-    `epoch`, once per run: `marker` (a file path every worker can see) remembers that it did."""
+    `epoch`, `times` times per run (once by default): `marker` (a file path every worker can
+    see) counts the deaths, one line each."""
 
     epoch: int
     marker: str
+    times: int = 1
 
     def on_step(self, info: StepInfo) -> None:
         if info.epoch != self.epoch or info.step != info.steps // 2:
             return
-        if info.rank != info.world - 1 or os.path.exists(self.marker):
+        if info.rank != info.world - 1 or self.deaths() >= self.times:
             return
         Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(self.marker).write_text(f"worker {info.rank} killed at epoch {info.epoch}\n")
+        with open(self.marker, "a") as f:
+            f.write(f"worker {info.rank} killed at epoch {info.epoch}\n")
         os._exit(137)
+
+    def deaths(self) -> int:
+        return len(Path(self.marker).read_text().splitlines()) if os.path.exists(self.marker) else 0

@@ -13,6 +13,7 @@ same run, and an epoch already logged is never logged again.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import tempfile
@@ -46,7 +47,14 @@ from pipeline.train.optim import (
     mixed_loss,
     unwrap_model,
 )
-from pipeline.train.state import TrainState, read_checkpoint
+from pipeline.train.state import (
+    CheckpointUnreadable,
+    TrainState,
+    checkpoint_dir_name,
+    restore,
+)
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -191,8 +199,16 @@ def train_loop_per_worker(loop_config: LoopConfig) -> None:
     state.mlflow_run_id = loop_config.mlflow_run_id
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state.load_state_dict(read_checkpoint(d))
+        try:
+            loaded, skipped = restore(checkpoint, state.load_state_dict)
+        except CheckpointUnreadable as exc:
+            if rank == 0 and loop_config.progress is not None:  # the driver ends the run
+                loop_config.progress.put({"kind": "fatal", "text": str(exc)})
+            raise
+        for line in skipped:
+            log.warning("checkpoint unreadable, resuming from an earlier one: %s", line)
+        if skipped and rank == 0:
+            log.warning("resumed from %s", loaded)
 
     tracker = _RankZeroTracker(cfg, state.mlflow_run_id) if rank == 0 else None
     callbacks = list(loop_config.callbacks)
@@ -417,7 +433,7 @@ def _report(row: dict[str, float], state: TrainState, is_rank0: bool) -> None:
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"epoch-{state.epoch:04d}",
+            checkpoint_dir_name=checkpoint_dir_name(state.epoch),
         )
 
 

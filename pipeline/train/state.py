@@ -8,7 +8,10 @@ from (torch CPU, torch CUDA, numpy, Python). `state_dict()` holds only types tha
 
 from __future__ import annotations
 
+import posixpath
 import random
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import TrainingError
 from pipeline.train.optim import BatchMixer, ModelEma, unwrap_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIR = re.compile(r"epoch-(\d+)")  # `epoch-0003`: the state after 3 epochs
+
+
+def checkpoint_dir_name(epochs_done: int) -> str:
+    return f"epoch-{epochs_done:04d}"
+
+
+class CheckpointUnreadable(TrainingError):
+    """Neither the latest checkpoint nor any earlier one of the run can be read: a restart
+    would fail the same way every time, so the run ends instead of retrying."""
 
 
 @dataclass
@@ -103,3 +117,49 @@ def set_rng_state(state: dict[str, Any], mixer: BatchMixer) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     mixer.generator.bit_generator.state = state["mixer"]
+
+
+def restore(checkpoint, load: Callable[[dict[str, Any]], None]) -> tuple[str, list[str]]:
+    """Load `checkpoint` (a `ray.train.Checkpoint`) through `load`, or, when it cannot be read
+    (truncated, corrupt, a file missing, contents that do not fit), the newest earlier
+    `epoch-NNNN` checkpoint beside it that can: (the path loaded, one line per checkpoint
+    skipped). Raises `CheckpointUnreadable` naming every checkpoint tried when none loads.
+
+    Ray registers a checkpoint only once its upload finished, so an unreadable one was damaged
+    afterwards (storage, a person); retrying it would fail on every restart, endlessly under
+    `run.max_failures: -1`."""
+    skipped = []
+    for candidate in _restore_candidates(checkpoint):
+        try:
+            with candidate.as_directory() as d:
+                load(read_checkpoint(d))
+            return candidate.path, skipped
+        except Exception as exc:  # whatever reading or loading raised: try the one before
+            skipped.append(f"{candidate.path}: {type(exc).__name__}: {exc}"[:500])
+    raise CheckpointUnreadable(
+        "cannot resume: no checkpoint of this run can be read (" + "; ".join(skipped) + "); "
+        "remove the damaged checkpoint directories, or start over with a new run.name"
+    )
+
+
+def _restore_candidates(checkpoint) -> Iterator[Any]:
+    """`checkpoint`, then its older `epoch-NNNN` siblings, newest first."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    yield checkpoint
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    latest = CHECKPOINT_DIR.fullmatch(name)
+    if latest is None:
+        return
+    try:
+        infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return
+    older = []
+    for info in infos:
+        match = CHECKPOINT_DIR.fullmatch(posixpath.basename(info.path))
+        if info.type == pafs.FileType.Directory and match and match[1] < latest[1]:
+            older.append((int(match[1]), info.path))
+    for _, path in sorted(older, reverse=True):
+        yield Checkpoint(path, filesystem=checkpoint.filesystem)

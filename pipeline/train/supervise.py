@@ -10,6 +10,10 @@ time since the last one:
 * after `run.stall_timeout_s` it aborts the run (Ray Train's own graceful abort) and the caller
   fails it with that reason.
 
+A worker that finds the run cannot go on (every checkpoint unreadable) says so through the queue
+(`{"kind": "fatal"}`): the run is aborted and fails with that message, instead of being restarted
+to fail again, endlessly under `run.max_failures: -1`.
+
 SIGTERM (`pipeline jobs stop`, `ray job stop`, a pod's termination) aborts the same way; the
 caller marks the MLflow run KILLED and the process ends without a traceback.
 """
@@ -40,6 +44,10 @@ class Watch:
 
 class Stalled(TrainingError):
     """No progress from the workers for longer than `run.stall_timeout_s`."""
+
+
+class Unrecoverable(TrainingError):
+    """A worker reported that no restart can succeed (the message says why)."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -92,6 +100,7 @@ class _Supervisor:
         self.on_stop = on_stop
         self.done = threading.Event()
         self.stalled: str | None = None
+        self.fatal: str | None = None
         self.stopped = False
         self.can_abort = threading.current_thread() is threading.main_thread()
 
@@ -107,6 +116,12 @@ class _Supervisor:
         while not self.done.is_set():
             msg = _next_message(self.queue, timeout=w.poll_s)
             now = time.monotonic()
+            if msg is not None and msg.get("kind") == "fatal":
+                if self.fatal is None:
+                    self.fatal = str(msg.get("text", "a worker cannot go on"))
+                    log.error("%s", self.fatal)
+                    self.abort()
+                continue
             if msg is not None:
                 self.forward(msg)
                 last, next_warn = now, w.warn_after_s
@@ -169,7 +184,8 @@ def supervised_fit(
     """`trainer.fit()` under supervision (see the module docstring); its Result. `on_stop`
     runs first thing on a SIGTERM (the caller records the stop before anything else).
 
-    Raises `Stalled` after the stall timeout, `Stopped` after a SIGTERM or Ctrl-C, and what
+    Raises `Stalled` after the stall timeout, `Unrecoverable` when a worker reported that no
+    restart can succeed, `Stopped` after a SIGTERM or Ctrl-C, and what
     `fit` raised otherwise."""
     sup = _Supervisor(progress_queue, on_event, watch or Watch(), on_stop)
     reader = threading.Thread(target=sup.run, name="trainer-progress", daemon=True)
@@ -191,6 +207,8 @@ def supervised_fit(
             signal.signal(sig, handler)
     if sup.stalled is not None:
         raise Stalled(sup.stalled)
+    if sup.fatal is not None:
+        raise Unrecoverable(sup.fatal)
     if sup.stopped or isinstance(error, KeyboardInterrupt) or _aborted(error):
         raise Stopped("the run was stopped")
     if error is not None:

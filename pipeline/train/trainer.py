@@ -32,7 +32,7 @@ from pipeline.train.entry import DatasetHandle, LoopConfig, train_loop_per_worke
 from pipeline.train.loop import model_for, per_worker_batch, steps_per_epoch
 from pipeline.train.ray_runtime import init_ray
 from pipeline.train.resources import check_cluster
-from pipeline.train.supervise import Stalled, Stopped, Watch, supervised_fit
+from pipeline.train.supervise import Stalled, Stopped, Unrecoverable, Watch, supervised_fit
 
 _IMPORTED_AT = time.time()
 log = logging.getLogger(__name__)
@@ -326,6 +326,9 @@ def run_training(
         except Stalled as exc:
             _end_run(client, run_id, "FAILED", str(exc))
             raise TrainingError(f"training run {run_name!r} stopped: {exc}") from None
+        except Unrecoverable as exc:
+            _end_run(client, run_id, "FAILED", str(exc))
+            raise TrainingError(f"training run {run_name!r} failed: {exc}") from None
         except Stopped:
             _end_run(client, run_id, "KILLED", "stopped by a signal")
             log.warning("training run %r stopped; MLflow run %s marked KILLED", run_name, run_id)

@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.data.sources import WriteOptions, prepare_digits
 from pipeline.errors import TrainingError
 from pipeline.registry import register_training
+from pipeline.tags import FAILURE_REASON_TAG
 from pipeline.train.callbacks import KillWorkerOnce
 from pipeline.train.trainer import run_training
 from tests.support import bn_batches_tracked, repo_files, untrained_accuracy
@@ -158,6 +159,72 @@ def test_a_restart_records_the_epoch_it_resumed_from(faulty_run):
     # The worker died in the second epoch (epoch 1, 0-based); the latest checkpoint then was
     # the first epoch's (epoch 0): that is the epoch the group resumed from.
     assert [m.value for m in resumed] == [0.0]
+
+
+def test_worker_deaths_beyond_max_failures_fail_the_run_and_leave_the_registry_alone(
+    ray_session, workdir, digits_uri
+):
+    """Every attempt loses a worker in epoch 1: with run.max_failures=1 that is one restart,
+    then the run is FAILED (with the reason), nothing is registered, the champion keeps its
+    alias, and the error is a TrainingError (a user error: the CLI exits 2)."""
+    name = "doomed-model"
+    cfg = config(
+        workdir, digits_uri, "run.name=doomed", "train.epochs=3", "run.max_failures=1",
+        "scaling.num_workers=1", "train.batch_size=128", f"registry.model_name={name}",
+    )  # fmt: skip
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    client.create_registered_model(name)
+    champion = client.create_model_version(name, source=str(workdir / "champion"), run_id=None)
+    client.set_registered_model_alias(name, "champion", champion.version)
+    kill = KillWorkerOnce(epoch=1, marker=str(workdir / "deaths"), times=99)
+    with pytest.raises(TrainingError, match="doomed"):
+        register_training(cfg, run_training(cfg, loop_callbacks=[kill]))
+    assert kill.deaths() == 2, "the first attempt and one restart, then no more"
+    (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags.get(FAILURE_REASON_TAG)
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_a_damaged_checkpoint_resumes_from_the_one_before_and_none_ends_the_run(
+    ray_session, workdir, digits_uri
+):
+    """A run stopped after two checkpoints, the latest then damaged on disk: the same command
+    under run.max_failures=-1 resumes from the one before (each epoch logged once). With no
+    readable checkpoint at all it fails with a message naming them, instead of restarting
+    forever."""
+
+    def stopped_run(run_name: str, epochs: int) -> tuple[Path, list[str]]:
+        overrides = [
+            f"run.name={run_name}", f"train.epochs={epochs}", "scaling.num_workers=1",
+            "train.batch_size=128", "run.num_to_keep=4", "registry.model_name=",
+        ]  # fmt: skip
+        kill = [KillWorkerOnce(epoch=epochs - 1, marker=str(workdir / f"{run_name}-killed"))]
+        with pytest.raises(TrainingError):
+            run_training(
+                config(workdir, digits_uri, *overrides, "run.max_failures=0"), loop_callbacks=kill
+            )
+        return workdir / "runs" / run_name, [*overrides, "run.max_failures=-1"]
+
+    run_dir, again = stopped_run("damaged", epochs=3)  # checkpoints after epochs 1 and 2
+    truncate(run_dir / "epoch-0002" / "checkpoint.pt")
+    summary = run_training(config(workdir, digits_uri, *again))
+    client = MlflowClient(summary.tracking_uri)
+    assert metric_steps(client, summary.run_id, "val_acc") == [0, 1, 2]
+    resumed = client.get_metric_history(summary.run_id, "resumed_from_epoch")
+    assert [m.value for m in resumed] == [0.0], "resumed after epoch 0, from epoch-0001"
+
+    run_dir, again = stopped_run("hopeless", epochs=2)  # one checkpoint, after epoch 1
+    truncate(run_dir / "epoch-0001" / "checkpoint.pt")
+    with pytest.raises(TrainingError, match="no checkpoint of this run can be read") as info:
+        run_training(config(workdir, digits_uri, *again))
+    assert "epoch-0001" in str(info.value)
 
 
 def test_training_writes_only_where_it_is_told(ray_session, workdir, digits_uri, monkeypatch):

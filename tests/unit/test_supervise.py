@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline.train.supervise import Stalled, Stopped, Watch, supervised_fit
+from pipeline.train.supervise import Stalled, Stopped, Unrecoverable, Watch, supervised_fit
 
 
 class Hangs:
@@ -81,3 +81,15 @@ def test_progress_keeps_the_watchdog_quiet():
     watch = Watch(warn_after_s=0.3, fail_after_s=0.5, poll_s=0.02)
     assert supervised_fit(Busy(), q, events.append, watch) == "result"
     assert len(events) == 20
+
+
+def test_a_worker_that_cannot_go_on_ends_the_fit_with_its_reason():
+    """What a worker sends when every checkpoint is unreadable: the fit is aborted at once (no
+    restart that would fail the same way), and fails with the worker's message."""
+    q: queue.Queue = queue.Queue()
+    q.put({"kind": "fatal", "text": "cannot resume: no checkpoint of this run can be read"})
+    hangs = Hangs()  # the restart loop Ray would otherwise go on with
+    watch = Watch(warn_after_s=30, fail_after_s=None, poll_s=0.02)
+    with pytest.raises(Unrecoverable, match="no checkpoint of this run can be read"):
+        supervised_fit(hangs, q, lambda e: None, watch)
+    assert hangs.interrupted
