@@ -186,6 +186,10 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(128, ge=1)  # global: split over scaling.num_workers
+    # Gradient accumulation: each worker's share of batch_size is a micro-batch, and the optimizer
+    # steps once every accumulate_steps micro-batches (DDP all-reduces on the last one only), so
+    # one step sees batch_size * accumulate_steps samples. 1: a step per batch.
+    accumulate_steps: int = Field(1, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
