@@ -266,6 +266,11 @@ class RunConfig(_Section):
     name: str | None = None  # same name again resumes; None: <experiment>-<timestamp>
     storage_path: str = "runs"  # checkpoints: local dir or s3://
     num_to_keep: int = Field(2, ge=1)
+    # How rank 0's epoch checkpoint reaches run.storage_path: "sync" uploads inside
+    # ray.train.report (the next epoch waits for it; the checkpoint is committed when it
+    # returns); "async" returns once written locally and uploads from a Ray thread, so the
+    # upload overlaps the next epoch (a crash during it resumes from the previous checkpoint).
+    checkpoint_upload: Literal["sync", "async"] = "sync"
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
     # No progress from the workers (no step, epoch or phase) for this long: say what Ray is
     # waiting for (again every as long), and after `stall_timeout_s` stop the run as FAILED.

@@ -269,7 +269,7 @@ def train_loop_per_worker(loop_config: LoopConfig) -> None:
             if loop_config.progress is not None:
                 loop_config.progress.put({"kind": "epoch", **row, "epochs": cfg.train.epochs})
         # (5) checkpoint + report: rank 0 writes, everyone reports (a barrier)
-        _report(row, state, rank == 0)
+        _report(row, state, rank == 0, cfg.run.checkpoint_upload)
         for callback in callbacks:
             callback.on_epoch_end(epoch, rank)
 
@@ -500,11 +500,14 @@ def evaluate(
     return meter.reduce(all_workers)
 
 
-def _report(row: dict[str, float], state: TrainState, is_rank0: bool) -> None:
+def _report(row: dict[str, float], state: TrainState, is_rank0: bool, upload: str = "sync") -> None:
     import ray.train
 
     # `epochs_done` (1-based) is the time axis of Tune's ASHA scheduler, stable across restarts.
     metrics = {**{k: float(v) for k, v in row.items()}, "epochs_done": state.epoch}
+    if upload == "async":
+        _report_async(metrics, state, is_rank0)
+        return
     if not is_rank0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -515,6 +518,28 @@ def _report(row: dict[str, float], state: TrainState, is_rank0: bool) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(d),
             checkpoint_dir_name=f"epoch-{state.epoch:04d}",
         )
+
+
+def _report_async(metrics: dict[str, float], state: TrainState, is_rank0: bool) -> None:
+    """`run.checkpoint_upload=async`: report returns once rank 0 has written the checkpoint
+    locally; a Ray Train thread uploads it (one at a time, in report order) and then deletes the
+    directory, so it must outlive this call: a mkdtemp, not a TemporaryDirectory. Ray waits for
+    pending uploads when the loop returns, and an upload's failure fails the run."""
+    import ray.train
+
+    mode = ray.train.CheckpointUploadMode.ASYNC
+    if not is_rank0:  # the same mode on every rank: reports stay in step
+        ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
+        return
+    d = tempfile.mkdtemp(prefix=f"checkpoint-epoch-{state.epoch:04d}-")
+    state.save(d)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(d),
+        checkpoint_dir_name=f"epoch-{state.epoch:04d}",
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 class _Hooks:
