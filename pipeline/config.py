@@ -186,6 +186,10 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(128, ge=1)  # global: split over scaling.num_workers
+    # Gradient accumulation: each worker's share of batch_size is a micro-batch, and the optimizer
+    # steps once every accumulate_steps micro-batches (DDP all-reduces on the last one only), so
+    # one step sees batch_size * accumulate_steps samples. 1: a step per batch.
+    accumulate_steps: int = Field(1, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -262,6 +266,11 @@ class RunConfig(_Section):
     name: str | None = None  # same name again resumes; None: <experiment>-<timestamp>
     storage_path: str = "runs"  # checkpoints: local dir or s3://
     num_to_keep: int = Field(2, ge=1)
+    # How rank 0's epoch checkpoint reaches run.storage_path: "sync" uploads inside
+    # ray.train.report (the next epoch waits for it; the checkpoint is committed when it
+    # returns); "async" returns once written locally and uploads from a Ray thread, so the
+    # upload overlaps the next epoch (a crash during it resumes from the previous checkpoint).
+    checkpoint_upload: Literal["sync", "async"] = "sync"
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
     # No progress from the workers (no step, epoch or phase) for this long: say what Ray is
     # waiting for (again every as long), and after `stall_timeout_s` stop the run as FAILED.

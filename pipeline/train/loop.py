@@ -13,6 +13,7 @@ same run, and an epoch already logged is never logged again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -90,10 +91,17 @@ def model_for(cfg: PipelineConfig, manifest: Manifest) -> nn.Module:
     return model
 
 
-def steps_per_epoch(cfg: PipelineConfig, manifest: Manifest) -> int:
-    """Optimizer steps per epoch: each worker's equal share of train rows, full batches only."""
+def batches_per_epoch(cfg: PipelineConfig, manifest: Manifest) -> int:
+    """Batches (micro-batches when accumulating) per epoch on each worker: its equal share of
+    train rows, full batches only."""
     rows = manifest.split(cfg.data.train_split).rows // cfg.scaling.num_workers
     return rows // per_worker_batch(cfg)
+
+
+def steps_per_epoch(cfg: PipelineConfig, manifest: Manifest) -> int:
+    """Optimizer steps per epoch: one per `train.accumulate_steps` batches, and one more for a
+    remainder group at the epoch's end. The LR schedules count these steps."""
+    return -(-batches_per_epoch(cfg, manifest) // cfg.train.accumulate_steps)
 
 
 def per_worker_batch(cfg: PipelineConfig) -> int:
@@ -111,6 +119,8 @@ class StepOptions:
     channels_last: bool = False
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    accumulate_steps: int = 1  # batches per optimizer step (gradient accumulation)
+    batches: int | None = None  # batches per epoch; None: steps * accumulate_steps
 
     @classmethod
     def of(cls, cfg: PipelineConfig, manifest: Manifest, device: torch.device) -> StepOptions:
@@ -122,7 +132,20 @@ class StepOptions:
             channels_last=cfg.train.channels_last,
             label_smoothing=cfg.train.label_smoothing,
             grad_clip=cfg.train.grad_clip,
+            accumulate_steps=cfg.train.accumulate_steps,
+            batches=batches_per_epoch(cfg, manifest),
         )
+
+    @property
+    def micro_batches(self) -> int:
+        """Batches per epoch, each one forward and backward pass."""
+        return self.batches if self.batches is not None else self.steps * self.accumulate_steps
+
+    def group_size(self, batch: int) -> int:
+        """How many batches the optimizer step that batch `batch` belongs to averages over:
+        accumulate_steps, or fewer in the remainder group at the epoch's end."""
+        start = batch - batch % self.accumulate_steps
+        return min(self.accumulate_steps, self.micro_batches - start)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -262,7 +285,7 @@ def train_loop_per_worker(loop_config: LoopConfig) -> None:
             if loop_config.progress is not None:
                 loop_config.progress.put({"kind": "epoch", **row, "epochs": cfg.train.epochs})
         # (5) checkpoint + report: rank 0 writes, everyone reports (a barrier)
-        _report(row, state, rank == 0)
+        _report(row, state, rank == 0, cfg.run.checkpoint_upload)
         for callback in callbacks:
             callback.on_epoch_end(epoch, rank)
 
@@ -351,7 +374,10 @@ def train_one_epoch(
     hooks: _Hooks | None = None,
 ) -> dict[str, float]:
     """One epoch of exactly `opts.steps` optimizer steps; `forward` is the model, or its
-    torch.compile'd wrapper. Returns global loss/acc, images_per_s, epoch_time_s and the LR."""
+    torch.compile'd wrapper. Returns global loss/acc, images_per_s, epoch_time_s and the LR.
+    With `opts.accumulate_steps` > 1 the steps accumulate gradients over groups of batches."""
+    if opts.accumulate_steps > 1:
+        return _accumulating_epoch(state, forward, batches, opts, epoch, hooks)
     state.model.train()
     meter = EpochMeter(opts.num_classes, device=opts.device)
     started = time.perf_counter()
@@ -365,6 +391,39 @@ def train_one_epoch(
         y = b["label"].to(opts.device, non_blocking=True)
         loss, logits = _step(state, forward, x, y, opts)
         meter.update(logits.float(), y, loss)
+    return _epoch_result(state, meter, started, opts)
+
+
+def _accumulating_epoch(
+    state: TrainState,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[dict[str, torch.Tensor]],
+    opts: StepOptions,
+    epoch: int,
+    hooks: _Hooks | None,
+) -> dict[str, float]:
+    """`train_one_epoch` with gradient accumulation: `opts.micro_batches` batches, an optimizer
+    step at the end of every group of `opts.accumulate_steps` (and of the remainder group).
+    Hooks see optimizer steps, called before each group's first batch."""
+    state.model.train()
+    meter = EpochMeter(opts.num_classes, device=opts.device)
+    started = time.perf_counter()
+    loss = None
+    for i, b in enumerate(batches):
+        if i >= opts.micro_batches:  # equal counts on every worker, as in train_one_epoch
+            break
+        if hooks is not None and i % opts.accumulate_steps == 0:
+            hooks.step(epoch, i // opts.accumulate_steps, opts.steps, loss)
+        x = b["image"].to(opts.device, memory_format=opts.memory_format, non_blocking=True)
+        y = b["label"].to(opts.device, non_blocking=True)
+        loss, logits = _micro_step(state, forward, x, y, opts, i)
+        meter.update(logits.float(), y, loss)
+    return _epoch_result(state, meter, started, opts)
+
+
+def _epoch_result(
+    state: TrainState, meter: EpochMeter, started: float, opts: StepOptions
+) -> dict[str, float]:
     if opts.device.type == "cuda":  # kernels run asynchronously: count the time they take
         torch.cuda.synchronize(opts.device)
     elapsed = time.perf_counter() - started
@@ -394,6 +453,43 @@ def _step(state: TrainState, forward, x, y, opts: StepOptions):
     return loss, logits
 
 
+def _micro_step(state: TrainState, forward, x, y, opts: StepOptions, batch: int):
+    """One batch of an accumulation group: its loss, divided by the group's size so the
+    accumulated gradient is the mean over the group's samples, is scaled and backpropagated;
+    DDP all-reduces only on the group's last batch (`no_sync` before). The group's last batch
+    then unscales, clips, steps, updates the scaler, the schedule and the EMA, once per group.
+    Returns the batch's own (undivided) loss for the metrics."""
+    size = opts.group_size(batch)
+    position = batch % opts.accumulate_steps
+    last = position == size - 1
+    if position == 0:
+        state.optimizer.zero_grad(set_to_none=True)
+    x, target = state.mixer(x, y)
+    # DDP decides in the forward pass whether the backward all-reduces: both go inside no_sync.
+    with _no_sync(state.model, skip=not last):
+        with autocast_context(opts.precision, opts.device.type):
+            logits = forward(x)
+            loss = mixed_loss(logits, target, opts.label_smoothing)
+        state.scaler.scale(loss / size).backward()
+    if last:
+        if opts.grad_clip is not None:
+            state.scaler.unscale_(state.optimizer)
+            clip_gradients(state.model, opts.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update(state.model)
+    return loss, logits
+
+
+def _no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP's `no_sync()` (gradients stay local) when `skip`, else nothing."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -420,11 +516,14 @@ def evaluate(
     return meter.reduce(all_workers)
 
 
-def _report(row: dict[str, float], state: TrainState, is_rank0: bool) -> None:
+def _report(row: dict[str, float], state: TrainState, is_rank0: bool, upload: str = "sync") -> None:
     import ray.train
 
     # `epochs_done` (1-based) is the time axis of Tune's ASHA scheduler, stable across restarts.
     metrics = {**{k: float(v) for k, v in row.items()}, "epochs_done": state.epoch}
+    if upload == "async":
+        _report_async(metrics, state, is_rank0)
+        return
     if not is_rank0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -435,6 +534,28 @@ def _report(row: dict[str, float], state: TrainState, is_rank0: bool) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(d),
             checkpoint_dir_name=checkpoint_dir_name(state.epoch),
         )
+
+
+def _report_async(metrics: dict[str, float], state: TrainState, is_rank0: bool) -> None:
+    """`run.checkpoint_upload=async`: report returns once rank 0 has written the checkpoint
+    locally; a Ray Train thread uploads it (one at a time, in report order) and then deletes the
+    directory, so it must outlive this call: a mkdtemp, not a TemporaryDirectory. Ray waits for
+    pending uploads when the loop returns, and an upload's failure fails the run."""
+    import ray.train
+
+    mode = ray.train.CheckpointUploadMode.ASYNC
+    if not is_rank0:  # the same mode on every rank: reports stay in step
+        ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
+        return
+    d = tempfile.mkdtemp(prefix=f"checkpoint-epoch-{state.epoch:04d}-")
+    state.save(d)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(d),
+        checkpoint_dir_name=checkpoint_dir_name(state.epoch),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 class _Hooks:

@@ -307,7 +307,7 @@ def test_shards_and_checkpoints_on_s3(ray_session, workdir, s3_server):
 def test_loop_features_streaming_ingest(ray_session, workdir, digits_uri):
     """The paths the default recipe does not take: Ray Data augmenting in map_batches every
     epoch (no worker cache), a dynamic-conv net, bf16 autocast, EMA, MixUp/CutMix, clipping,
-    AdamW with cosine warm-up."""
+    AdamW with cosine warm-up, gradient accumulation under DDP, asynchronous checkpoint upload."""
     cfg = config(
         workdir,
         digits_uri,
@@ -325,9 +325,13 @@ def test_loop_features_streaming_ingest(ray_session, workdir, digits_uri):
         "train.lr=0.003",
         "train.schedule=cosine",
         "train.warmup_epochs=1",
+        "train.accumulate_steps=2",
+        "run.checkpoint_upload=async",
         "registry.model_name=",
     )
     summary = run_training(cfg)
+    # Ray waits for pending async uploads before the run ends: the last epoch's is there.
+    assert (workdir / "runs" / "features" / "epoch-0003" / "checkpoint.pt").is_file()
     client = MlflowClient(cfg.tracking.tracking_uri)
     assert metric_steps(client, summary.run_id, "val_acc") == [0, 1, 2]
     lrs = [

@@ -4,6 +4,8 @@ worker trains, the process group's settings, and what travels to the workers."""
 from __future__ import annotations
 
 import pickle
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +99,42 @@ def test_loop_config_unpickles_without_torch_or_mlflow(manifest, digits_uri, tmp
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split() == []
+
+
+@pytest.mark.parametrize("upload", ["sync", "async"])
+def test_checkpoint_directory_outlives_report_only_for_async_upload(upload, monkeypatch):
+    """Ray uploads an async checkpoint after `report` returns, then deletes it: the directory
+    must still be there when report returns; a sync one is uploaded inside report and removed."""
+    import ray.train
+
+    from pipeline.train.loop import _report
+    from pipeline.train.optim import BatchMixer, build_optimizer, build_scheduler
+    from pipeline.train.state import CHECKPOINT_FILE, TrainState
+
+    cfg = load_config(None, ["train.epochs=1", "train.schedule=constant"]).train
+    model = nn.Linear(2, 2)
+    optimizer = build_optimizer(cfg, [{"params": list(model.parameters()), "weight_decay": 0}])
+    state = TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, 1),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        mixer=BatchMixer(0.0, 0.0, 2),
+        epoch=3,
+    )
+    calls = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: calls.append(kw))
+    _report({"epoch": 2, "val_acc": 0.5}, state, is_rank0=False, upload=upload)
+    _report({"epoch": 2, "val_acc": 0.5}, state, is_rank0=True, upload=upload)
+    other, rank0 = calls
+    assert other["checkpoint"] is None and rank0["checkpoint_dir_name"] == "epoch-0003"
+    written = Path(rank0["checkpoint"].path)
+    if upload == "async":
+        mode = ray.train.CheckpointUploadMode.ASYNC
+        assert other["checkpoint_upload_mode"] == rank0["checkpoint_upload_mode"] == mode
+        assert rank0["delete_local_checkpoint_after_upload"] is True
+        assert (written / CHECKPOINT_FILE).is_file()  # Ray deletes it after the upload
+        shutil.rmtree(written)
+    else:
+        assert "checkpoint_upload_mode" not in rank0  # Ray's default: SYNC
+        assert not written.exists()
