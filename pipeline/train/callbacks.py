@@ -53,20 +53,31 @@ class LoopHooks:
 class KillWorkerOnce(LoopHooks):
     """The last worker's process exits (os._exit: no exception, no clean-up) halfway through
     `epoch`, `times` times per run (once by default): `marker` (a file path every worker can
-    see) counts the deaths, one line each."""
+    see) counts the deaths, one line each. With `after_report`, rank 0 dies instead, right after
+    it reported `epoch`'s checkpoint (with `run.checkpoint_upload: async`, while Ray may still
+    be uploading it)."""
 
     epoch: int
     marker: str
     times: int = 1
+    after_report: bool = False
 
     def on_step(self, info: StepInfo) -> None:
-        if info.epoch != self.epoch or info.step != info.steps // 2:
+        if self.after_report or info.epoch != self.epoch or info.step != info.steps // 2:
             return
-        if info.rank != info.world - 1 or self.deaths() >= self.times:
+        if info.rank == info.world - 1:
+            self._die(info.rank, info.epoch)
+
+    def on_epoch_end(self, epoch: int, rank: int) -> None:
+        if self.after_report and epoch == self.epoch and rank == 0:
+            self._die(rank, epoch)
+
+    def _die(self, rank: int, epoch: int) -> None:
+        if self.deaths() >= self.times:
             return
         Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
         with open(self.marker, "a") as f:
-            f.write(f"worker {info.rank} killed at epoch {info.epoch}\n")
+            f.write(f"worker {rank} killed at epoch {epoch}\n")
         os._exit(137)
 
     def deaths(self) -> int:

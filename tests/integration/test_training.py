@@ -291,8 +291,17 @@ def test_shards_and_checkpoints_on_s3(ray_session, workdir, s3_server):
         f"run.storage_path=s3://{bucket}/checkpoints",
         "registry.model_name=",
         "data.prepare=",
+        "run.checkpoint_upload=async",
+        "run.max_failures=1",
     )
-    summary = run_training(cfg)
+    # Rank 0 dies right after handing epoch 1's checkpoint to the asynchronous upload: the
+    # group restarts from whatever checkpoint Ray had registered, and each epoch is logged once.
+    kill = KillWorkerOnce(epoch=1, marker=str(workdir / "killed"), after_report=True)
+    summary = run_training(cfg, loop_callbacks=[kill])
+    assert kill.deaths() == 1
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert metric_steps(client, summary.run_id, "val_acc") == [0, 1, 2]
+    assert client.get_metric_history(summary.run_id, "resumed_from_epoch")
     assert summary.metrics["test_acc"] > untrained_accuracy(cfg) + 0.1
     keys = [
         o["Key"]
