@@ -144,13 +144,14 @@ def _resolve_input(data: str, split: str | None, storage: StorageConfig | None) 
     return _Input("images", "path", len(files), paths=tuple(files))
 
 
-def _dataset(inp: _Input, batch_size: int):
+def _dataset(inp: _Input, batch_size: int, concurrency: int):
     import ray.data
 
     if inp.kind == "dataset":
         ds = ray.data.read_parquet(list(inp.paths), filesystem=inp.fs)
         return ds.select_columns(["image", "id"])
-    blocks = max(1, min(len(inp.paths) // batch_size, 200))
+    n = len(inp.paths)
+    blocks = min(n, max(concurrency, -(-n // batch_size)), 1000)  # every actor gets work
     return ray.data.from_items([{"path": p} for p in inp.paths], override_num_blocks=blocks)
 
 
@@ -356,8 +357,10 @@ class StagedParquet:
     exception in the `with` block) deletes it. Readers see the old file, the whole new file or
     nothing."""
 
-    def __init__(self, loc: st.Location, schema: pa.Schema) -> None:
-        self.loc = loc
+    def __init__(
+        self, loc: st.Location, schema: pa.Schema, storage: StorageConfig | None = None
+    ) -> None:
+        self.loc, self.storage = loc, storage
         self.tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
         self.stream = None
         try:
@@ -396,6 +399,13 @@ class StagedParquet:
         self._delete_tmp()
 
     def _delete_tmp(self) -> None:
+        if self.loc.is_s3:  # boto3: pyarrow's delete_file leaves a "folder/" marker object
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, key = self.tmp.split("/", 1)
+            with contextlib.suppress(BotoCoreError, ClientError, OSError, StorageError):
+                st.s3_client(self.storage).delete_object(Bucket=bucket, Key=key)
+            return
         with contextlib.suppress(OSError):
             self.loc.fs.delete_file(self.tmp)
 
@@ -503,7 +513,7 @@ def predict(
     bundle_ref = ray.put(bundle)
     try:
         ds = _predict_dataset(inp, opts, bundle_ref, name, version, model_uri, k)
-        with StagedParquet(out, schema) as staged:
+        with StagedParquet(out, schema, opts.storage) as staged:
             for table in _run(ds, opts.data):
                 errors = table.column("error")
                 bad = [e for e in errors.to_pylist() if e is not None]
@@ -550,7 +560,7 @@ def _predict_dataset(inp, opts, bundle_ref, name, version, model_uri, k):
         # max_restarts has no named parameter yet, so it goes through the deprecated
         # **ray_remote_args.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _dataset(inp, opts.batch_size).map_batches(
+        return _dataset(inp, opts.batch_size, opts.concurrency).map_batches(
             PredictBatches,
             fn_constructor_kwargs={
                 "bundle_ref": [bundle_ref],  # in a list: Ray passes it through, not its value
