@@ -130,6 +130,8 @@ def _resolve_input(data: str, split: str | None, storage: StorageConfig | None) 
         chosen = [split] if split else splits
         paths = [root.join(p).path for s in chosen for p in manifest.shard_paths(s)]
         total = sum(manifest.split(s).rows for s in chosen)
+        if total == 0:
+            raise DatasetError(f"{data}: {', '.join(chosen)} has no rows; nothing to predict")
         return _Input("dataset", "id", total, manifest.image, root.fs, tuple(paths))
     if split is not None:
         raise UsageError(f"--split is for datasets; {data} has no manifest.json")

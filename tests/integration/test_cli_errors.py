@@ -257,7 +257,7 @@ CASES = [
     ("predict-missing-data", ["predict", "models:/tiny/1", "--data", "{root}/nothing", "--out",
                               "{root}/p1.parquet"], "{root}/nothing"),
     ("predict-unknown-version", ["predict", "models:/tiny/7", "--data", "{data}", "--out",
-                                 "{root}/p2.parquet"], "models:/tiny/7"),
+                                 "{root}/p2.parquet"], "'tiny' has no version or alias '7'"),
     ("predict-out-is-a-folder", ["predict", "models:/tiny/1", "--data", "{data}", "--out",
                                  "{images}"], "{images}: is a folder"),
     ("predict-unknown-split", ["predict", "models:/tiny/1", "--data", "{data}", "--split",

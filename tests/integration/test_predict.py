@@ -47,6 +47,11 @@ def predict(*args: str):
     return CliRunner().invoke(app, ["predict", *args])
 
 
+# float32 forward passes over other batch compositions and thread counts (an actor has one
+# thread) differ in the last bits.
+CLOSE = 1e-5
+
+
 def check_rows(table, predictor, images: list, k: int = 5) -> None:
     """Every row's label, confidence and top-k are the in-process Predictor's on the same image."""
     probs = predictor.probabilities(images)
@@ -55,9 +60,9 @@ def check_rows(table, predictor, images: list, k: int = 5) -> None:
     for row, p in zip(rows, probs, strict=True):
         order = np.argsort(-p, kind="stable")[:k]
         assert row["label"] == predictor.classes[int(p.argmax())]
-        assert row["confidence"] == pytest.approx(float(p.max()), abs=1e-12)
+        assert row["confidence"] == pytest.approx(float(p.max()), abs=CLOSE)
         assert row["top_k_labels"] == [predictor.classes[i] for i in order]
-        assert row["top_k_probabilities"] == pytest.approx(p[order].tolist(), abs=1e-12)
+        assert row["top_k_probabilities"] == pytest.approx(p[order].tolist(), abs=CLOSE)
         assert row["top_k_probabilities"] == sorted(row["top_k_probabilities"], reverse=True)
 
 
