@@ -81,6 +81,7 @@ JOB_SCRIPTS = {
     "tune": "jobs/tune.py",
     "nightly": "jobs/nightly.py",
     "promote": "jobs/promote.py",
+    "predict": "jobs/predict.py",
 }
 SHIPPED_DIR = "_submitted"  # where files from outside the project land in the working_dir
 PROJECT_DIR = Path(__file__).resolve().parents[1]

@@ -233,6 +233,12 @@ def load_weights_only(path: Path) -> Any:
         ) from None
 
 
+def package_files(model_dir: str | Path) -> dict[str, Path]:
+    """The two files `rebuild` reads from a downloaded model directory, by name: what a remote
+    worker needs to rebuild the network (the rest of an MLflow model directory is not)."""
+    return {name: _find(Path(model_dir), name) for name in (MODEL_META_FILE, WEIGHTS_FILE)}
+
+
 def _find(model_dir: Path, name: str) -> Path:
     for candidate in (model_dir / name, model_dir / "extra_files" / name):
         if candidate.is_file():

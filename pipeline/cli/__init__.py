@@ -4,7 +4,7 @@
 |---|---|
 | `data` | `data prepare`, `data import image-folder/numpy`, `data inspect`, `data validate` |
 | `training` | `train`, `tune`, `nightly`, `evaluate`, `models list` |
-| `registry` | `promote`, `rollback`, `best`, `models registered`, `pull`, `serve` |
+| `registry` | `promote`, `rollback`, `best`, `models registered`, `pull`, `serve`, `predict` |
 | `servers` | `server mlflow`, `schedule nightly` |
 | `jobs` | `submit`, `jobs list/logs/stop` |
 

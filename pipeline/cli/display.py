@@ -438,3 +438,19 @@ def model_table(rows: list[dict[str, Any]]) -> Table:
             row["name"], row["family"], f"{row['params'] / 1e6:.2f}", f"{row['macs'] / 1e9:.3f}"
         )
     return table
+
+
+def print_predict_summary(s: Any) -> None:
+    """`pipeline predict`'s result: one line, and the skipped images when there were any."""
+    version = f" version {s.version}" if s.version else ""
+    plain(
+        f"wrote {s.out}: {s.rows} prediction(s) of {s.model}{version} (top {s.top_k}) for "
+        f"{s.data} in {s.seconds:.1f}s ({s.images_per_s:.1f} images/s, {s.concurrency} "
+        f"{s.device} worker(s), batch {s.batch_size})"
+    )
+    if s.skipped:
+        note(
+            f"warning: skipped {s.skipped} unusable image(s) (--skip-bad): "
+            + "; ".join(s.skipped_examples),
+            "yellow",
+        )

@@ -40,7 +40,7 @@ def submit_command(
         typer.Option(
             "--config",
             "-c",
-            help="YAML config; validated here before submitting (optional for promote).",
+            help="YAML config; validated here before submitting (optional for promote, predict).",
         ),
     ] = None,
     overrides: SetOpt = None,
@@ -81,10 +81,13 @@ def submit_command(
         ),
     ] = False,
 ) -> None:
-    """Run train, tune, nightly or promote as a job on a Ray cluster; prints the submission id.
+    """Run train, tune, nightly, promote or predict as a job on a Ray cluster; prints the
+    submission id.
 
     promote takes the registered model's name and `pipeline promote`'s options after it:
-    `pipeline submit promote digits-resnet --dry-run`."""
+    `pipeline submit promote digits-resnet --dry-run`; predict the model URI and `pipeline
+    predict`'s options: `pipeline submit predict models:/digits-resnet@champion --data s3://b/d
+    --out s3://b/p.parquet`."""
     from pipeline import cluster
     from pipeline.config import load_config
 
@@ -104,7 +107,10 @@ def submit_command(
         )
     spec = cluster.JobSpec(command.value, args, files)
     client = cluster.connect(address)
-    for caveat in cluster.remote_caveats(cfg, job_env):
+    caveats = cluster.remote_caveats(cfg, job_env)
+    if command is SubmittedCommand.predict:
+        caveats = [c for c in caveats if c.startswith("tracking")] + predict_caveats(args)
+    for caveat in caveats:
         display.note(f"warning: {caveat}", "yellow")
     job_id = cluster.submit(client, spec, job_env, pip=pip)
     display.plain(job_id)
@@ -129,9 +135,11 @@ def _job_arguments(command, extra, config, space, name, force, date):
                 "`pipeline submit promote digits-resnet --dry-run`"
             )
         args += list(extra)
+    elif command is SubmittedCommand.predict:
+        args += predict_arguments(extra)
     elif extra:
         raise ConfigError(f"unexpected argument(s) for {what}: {' '.join(extra)}")
-    elif config is None:
+    elif config is None and command is not SubmittedCommand.predict:
         raise ConfigError(f"pipeline submit {what} needs --config FILE")
     if command is SubmittedCommand.tune:
         if space is None:
@@ -150,6 +158,37 @@ def _job_arguments(command, extra, config, space, name, force, date):
         args += ["--date", date] if date is not None else []
         args += ["--force"] if force else []
     return args, files
+
+
+def predict_arguments(extra: list[str]) -> list[str]:
+    """`pipeline predict`'s arguments as given, once they name a model, --data and --out."""
+    example = (
+        "e.g. `pipeline submit predict models:/digits-resnet@champion --data s3://bucket/digits "
+        "--out s3://bucket/predictions.parquet`"
+    )
+    if not extra or extra[0].startswith("-"):
+        raise ConfigError(f"pipeline submit predict needs the model URI first, {example}")
+    given = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
+    missing = [o for o in ("--data", "--out") if o not in given]
+    if missing:
+        raise ConfigError(f"pipeline submit predict needs {' and '.join(missing)}, {example}")
+    return list(extra)
+
+
+def predict_caveats(args: list[str]) -> list[str]:
+    """--data and --out paths that mean something else on the cluster: a relative path lands
+    in the job's working_dir there, which Ray deletes eventually."""
+    notes = []
+    for i, arg in enumerate(args):
+        option, _, value = arg.partition("=")
+        if option in ("--data", "--out"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value and "://" not in value and not Path(value).is_absolute():
+                notes.append(
+                    f"{option} {value!r} is relative to the job's working_dir on the cluster; "
+                    "use s3:// (or a path every node shares)"
+                )
+    return notes
 
 
 def _follow_job(client, job_id: str) -> None:

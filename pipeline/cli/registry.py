@@ -258,3 +258,79 @@ def serve_command(
     cmd = scoring_server_command(str(local), host, port, workers)
     display.plain(f"serving {uri} ({model}) on http://{host}:{port}/invocations", stderr=True)
     os.execve(cmd[0], cmd, scoring_server_env(tracking))
+
+
+@app.command("predict")
+@friendly_errors
+def predict_command(
+    uri: Annotated[
+        str,
+        typer.Argument(
+            help="models:/NAME@alias, models:/NAME/N, runs:/ID/model or a pulled folder."
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="A dataset root (with manifest.json), or a folder / s3:// prefix of .png/.jpg.",
+        ),
+    ],
+    out: Annotated[
+        str, typer.Option("--out", help="Parquet file to create: a local path or s3://...")
+    ],
+    split: Annotated[
+        str | None, typer.Option("--split", help="A dataset's split; default: every split.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch and forward pass.")] = 64,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Ray Data actors, each with one CPU (or GPU).")
+    ] = 2,
+    top_k: Annotated[
+        int, typer.Option("--top-k", min=1, help="Most probable classes kept per image.")
+    ] = 5,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: one GPU per actor.")] = "cpu",
+    skip_bad: Annotated[
+        bool,
+        typer.Option("--skip-bad", help="Leave out images that do not decode (counted)."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing --out written by `pipeline predict`.")
+    ] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict every image of a dataset, folder or s3:// prefix on a Ray Data actor pool; write
+    one Parquet file (id/path, label, confidence, top-k, model, version), all or nothing."""
+    from pipeline.config import load_config
+    from pipeline.serving.batch import PredictOptions, predict
+
+    quiet_downloads()
+    cfg = load_config(config, overrides or [])
+    with display.WriteProgressBar() as bar:
+        opts = PredictOptions(
+            data=data,
+            out=out,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            top_k=top_k,
+            device=device,
+            skip_bad=skip_bad,
+            overwrite=overwrite,
+            split=split,
+            storage=cfg.storage.resolved(),
+            on_progress=None if as_json else bar,
+        )
+        summary = predict(
+            uri,
+            opts,
+            tracking_uri=tracking_uri or cfg.tracking.resolved_uri(),
+            timeout_s=cfg.tracking.timeout_s,
+            cfg=cfg,
+        )
+    if as_json:
+        display.plain(json.dumps(summary.to_dict(), indent=2))
+        return
+    display.print_predict_summary(summary)

@@ -227,6 +227,18 @@ def _s3_tree(root: st.Location, storage: StorageConfig | None) -> tuple[list[str
     return sorted(files), sorted(set(dirs))
 
 
+def list_images(src: str, storage: StorageConfig | None = None) -> list[str]:
+    """Every .png/.jpg/.jpeg under a local folder or an s3:// prefix (hidden folders skipped),
+    sorted, as local paths or s3:// URIs: the files `pipeline predict` reads."""
+    if st.is_s3(src):
+        root = st.resolve(src, storage)
+        files, _ = _s3_tree(root, storage)
+        return [st.join_uri(root.uri, rel) for rel in files]
+    local = Path(src)
+    files, _ = _local_tree(local)
+    return [str(local / rel) for rel in files]
+
+
 def _classes_in(files: list[str], dirs: list[str], base: str, where: str) -> dict[str, list[str]]:
     """{class: files} for the class folders directly under `base` ("" or "<split>/")."""
     classes = {d[len(base) :]: [] for d in dirs if d.startswith(base) and "/" not in d[len(base) :]}

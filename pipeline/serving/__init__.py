@@ -8,6 +8,7 @@
 | `fetch` | resolving and downloading `models:/` and `runs:/` URIs |
 | `pyfunc` | the `predictor/` pyfunc MLflow's scoring server runs, and `pipeline serve`'s command |
 | `pyfunc_entry` | the models-from-code file logged with every predictor |
+| `batch` | `predict(uri, opts)`: `pipeline predict`'s Ray Data actor pool, Parquet output |
 
 Nothing here unpickles Python objects: networks are rebuilt from the zoo with a state dict
 loaded `weights_only=True`, or read from TorchScript / ONNX files whose hashes were checked.

@@ -64,6 +64,12 @@ def _as_list(images: Any) -> list[Any]:
     return [images]
 
 
+def image_pixels(item: ImageInput, image: ImageSpec, crop: EvalCrop | None = None) -> np.ndarray:
+    """One image -> (H, W, C) uint8 as the model takes it; a ValueError says what is wrong with
+    it (the caller names the image)."""
+    return _one_image(item, image, crop)
+
+
 def _one_image(item: Any, image: ImageSpec, crop: EvalCrop | None) -> np.ndarray:
     from PIL import Image
 
@@ -161,20 +167,30 @@ class Predictor:
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """The normalised float32 NCHW batch the network sees."""
-        pixels = to_pixels(images, self.image, self.crop)
+        return self.normalize(to_pixels(images, self.image, self.crop))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 from `to_pixels` / `image_pixels` -> normalised float32 NCHW."""
         if self.crop is not None:
             x = to_float_normalized(torch.from_numpy(pixels), self.normalization)
             return x.contiguous().numpy()
         return self._transform.to_tensor(pixels).numpy()
 
     def logits(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        x = self.preprocess(images)
+        return self._logits(self.preprocess(images))
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
         parts = [self._forward(x[i : i + BATCH]) for i in range(0, len(x), BATCH)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
 
     def probabilities(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """(N, classes) softmax probabilities, columns in `classes` order."""
-        return torch.softmax(torch.from_numpy(self.logits(images)).double(), dim=1).numpy()
+        return self.pixel_probabilities(to_pixels(images, self.image, self.crop))
+
+    def pixel_probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """`probabilities` of images already at the model's size (`to_pixels`' output)."""
+        logits = self._logits(self.normalize(pixels))
+        return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Prediction]:
         """One Prediction per image (a single image gives a list of one)."""
@@ -192,20 +208,20 @@ class Predictor:
         return self.predict([image])[0]
 
 
-def torch_forward(model: nn.Module) -> Forward:
-    model = model.eval()
+def torch_forward(model: nn.Module, device: str = "cpu") -> Forward:
+    model = model.eval().to(device)
 
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).float().numpy()
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
 
     return forward
 
 
-def _torchscript_forward(path: Path) -> Forward:
+def _torchscript_forward(path: Path, device: str = "cpu") -> Forward:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still works
-        return torch_forward(torch.jit.load(str(path), map_location="cpu"))
+        return torch_forward(torch.jit.load(str(path), map_location="cpu"), device)
 
 
 def _pt2_forward(path: Path) -> Forward:
@@ -233,7 +249,7 @@ def load(uri: str, *, tracking_uri: str | None = None, timeout_s: float = 10.0) 
     directory: one written by `pull` (hashes verified first) or an MLflow model directory."""
     path = Path(uri)
     if path.is_dir():
-        return _load_dir(path)
+        return load_local(path)
     if "://" not in uri and ":/" not in uri:
         raise ServingError(f"{uri}: not a directory, nor a models:/ or runs:/ URI")
     with tempfile.TemporaryDirectory(prefix="predictor-") as tmp:
@@ -242,25 +258,32 @@ def load(uri: str, *, tracking_uri: str | None = None, timeout_s: float = 10.0) 
     return Predictor(torch_forward(model), meta, source=uri)
 
 
-def _load_dir(path: Path) -> Predictor:
+def load_local(path: Path, device: str = "cpu", source: str | None = None) -> Predictor:
+    """A Predictor for a local directory: one written by `pull` (hashes verified first) or a
+    downloaded model directory, on `device` (cpu or cuda)."""
     if not (path / PULL_META_FILE).is_file():
         model, meta = rebuild(path)
-        return Predictor(torch_forward(model), meta, source=str(path))
+        return Predictor(torch_forward(model, device), meta, source=source or str(path))
     pulled = verify_pulled(path)
-    forward = _forward_of(pulled["format"], path)
-    return Predictor(forward, pulled["pipeline_model"], source=str(path))
+    forward = _forward_of(pulled["format"], path, device)
+    return Predictor(forward, pulled["pipeline_model"], source=source or str(path))
 
 
-def _forward_of(fmt: str, path: Path) -> Forward:
+def _forward_of(fmt: str, path: Path, device: str = "cpu") -> Forward:
+    if fmt in ("onnx", "pt2") and device != "cpu":
+        raise ServingError(
+            f"{path}: a {fmt} pull runs on the CPU only; use --device cpu, or pull the model "
+            "as state_dict or torchscript to run it on a GPU"
+        )
     if fmt == "torchscript":
-        return _torchscript_forward(path / TORCHSCRIPT_FILE)
+        return _torchscript_forward(path / TORCHSCRIPT_FILE, device)
     if fmt == "onnx":
         return _onnx_forward(path / ONNX_FILE)
     if fmt == "pt2":
         return _pt2_forward(path / PT2_FILE)
     if fmt in ("state_dict", "mlflow"):
         model, _ = rebuild(path)
-        return torch_forward(model)
+        return torch_forward(model, device)
     raise ServingError(
         f"{path / PULL_META_FILE}: unknown format {fmt!r}; expected one of {FORMATS}"
     )

@@ -252,6 +252,17 @@ CASES = [
                                          "--format", "state_dict"], "models:/tiny"),
     ("pull-unknown-format", ["pull", "models:/tiny/1", "--dest", "{root}/p2", "--format",
                              "pickle"], "--format 'pickle'"),
+    # pipeline predict: everything is checked before Ray would start
+    ("predict-missing-data", ["predict", "models:/tiny/1", "--data", "{root}/nothing", "--out",
+                              "{root}/p1.parquet"], "{root}/nothing"),
+    ("predict-unknown-version", ["predict", "models:/tiny/7", "--data", "{data}", "--out",
+                                 "{root}/p2.parquet"], "'tiny' has no version or alias '7'"),
+    ("predict-out-is-a-folder", ["predict", "models:/tiny/1", "--data", "{data}", "--out",
+                                 "{images}"], "{images}: is a folder"),
+    ("predict-unknown-split", ["predict", "models:/tiny/1", "--data", "{data}", "--split",
+                               "holdout", "--out", "{root}/p3.parquet"], "holdout"),
+    ("predict-bad-device", ["predict", "models:/tiny/1", "--data", "{data}", "--device", "tpu",
+                            "--out", "{root}/p4.parquet"], "--device 'tpu'"),
 ]  # fmt: skip
 
 
