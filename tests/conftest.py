@@ -591,7 +591,9 @@ def trained_model(ray_session, mlflow_server, digits_uri, tmp_path_factory) -> T
     args = ["train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml")]
     for value in overrides:
         args += ["--set", value]
-    with pytest.MonkeyPatch.context() as mp:
+    # A session fixture: what `pipeline train` sets in this process (MLflow's URIs, and the
+    # variables child processes inherit) must not reach the tests that run after it.
+    with pytest.MonkeyPatch.context() as mp, mlflow_uris_kept():
         mp.chdir(root / "cwd")
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         mp.delenv("RAY_ADDRESS", raising=False)

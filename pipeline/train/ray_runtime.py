@@ -32,13 +32,14 @@ class EarlyStart:
     def __init__(self, cfg: PipelineConfig) -> None:
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self.started = False  # this thread's ray.init ran (a Ray already up is not ours)
         self._thread = threading.Thread(
             target=self._run, args=(cfg,), name="pipeline-ray-start", daemon=True
         )
 
     def _run(self, cfg: PipelineConfig) -> None:
         try:
-            _init_ray(cfg)
+            self.started = _init_ray(cfg)
         except BaseException as exc:
             self._error = exc
             self._done.set()
@@ -62,6 +63,9 @@ def start_local_ray(cfg: PipelineConfig) -> EarlyStart | None:
     global _early
     if cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS") or _early is not None:
         return None
+    ray = sys.modules.get("ray")  # not imported: not started (the import is what runs early)
+    if ray is not None and ray.is_initialized():  # a Ray this process already has is used
+        return None
     # ray.init sets this SIGTERM handler only when called on the main thread, and warns otherwise.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
@@ -73,7 +77,8 @@ def start_local_ray(cfg: PipelineConfig) -> EarlyStart | None:
 
 def stop_early_ray(timeout: float = 120.0) -> None:
     """After an error before training: let a background start finish, then stop that Ray, so a
-    failed command leaves no daemons starting behind it."""
+    failed command leaves no daemons starting behind it. A Ray the start found already running
+    (a caller's, a test session's) is not ours to stop."""
     global _early
     early, _early = _early, None
     if early is None:
@@ -82,7 +87,7 @@ def stop_early_ray(timeout: float = 120.0) -> None:
         finished = early.wait(timeout)
     except BaseException:
         return
-    if finished:
+    if finished and early.started:
         import ray
 
         ray.shutdown()
@@ -107,12 +112,14 @@ def init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 
     _init_ray(cfg, concurrent_runs, extra_cpus)
 
 
-def _init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
+def _init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> bool:
+    """`init_ray`'s work; False when Ray was already initialised in this process (nothing
+    done), True when this call connected or started it."""
     import ray
     import ray.data
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {
         "log_to_driver": False,  # the live display replaces the workers' log stream
@@ -163,3 +170,4 @@ def _init_ray(cfg: PipelineConfig, concurrent_runs: int = 1, extra_cpus: float =
     )
     # V1 logs its read-size estimates at INFO on the driver, under the live display.
     logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)
+    return True

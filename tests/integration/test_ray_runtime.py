@@ -35,6 +35,17 @@ ray.shutdown()
 rr.start_local_ray(cfg)
 rr.stop_early_ray()  # the error path: finish the start, then stop that Ray
 assert not ray.is_initialized()
+
+# A Ray this process already has (a caller's, a test session's) is used, never stopped.
+ray.init(num_cpus=1, include_dashboard=False)
+assert rr.start_local_ray(cfg) is None, "no early start beside a running Ray"
+rr.stop_early_ray()
+early = rr._early = rr.EarlyStart(cfg)  # one that began just before the caller's ray.init
+early._thread.start()
+assert early.wait(60) and not early.started
+rr.stop_early_ray()
+assert ray.is_initialized(), "stop_early_ray stopped a Ray it did not start"
+ray.shutdown()
 print("ok")
 """
 
