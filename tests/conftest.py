@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+SESSION_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI")  # as the session found it
 
 
 def _mlflow_uri_globals():
@@ -72,6 +73,15 @@ def mlflow_state_is_per_test() -> Iterator[None]:
     test left active is ended and fails the test. Without this, one test's registry URI leaked
     into every later `pipeline` subprocess and in-process registration (the server answered
     500), and one leaked run broke every later `start_run`."""
+    # The registry follows the tracking URI unless a test sets one: whatever an earlier fixture
+    # (module- or session-scoped, set up before this test) left behind is dropped.
+    if os.environ.get("MLFLOW_REGISTRY_URI") != SESSION_REGISTRY_URI:
+        if SESSION_REGISTRY_URI is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        else:
+            os.environ["MLFLOW_REGISTRY_URI"] = SESSION_REGISTRY_URI
+    if "mlflow" in sys.modules:
+        _mlflow_uri_globals()[1]._registry_uri = None
     with mlflow_uris_kept():
         yield
         mlflow = sys.modules.get("mlflow")

@@ -176,7 +176,11 @@ def test_an_interrupted_search_resumes_under_the_same_name(tmp_path, digits_uri)
         *("--set", "scaling.num_workers=1"),
         *("--set", "registry.model_name=resumed"),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    }
     first = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -197,7 +201,8 @@ def test_an_interrupted_search_resumes_under_the_same_name(tmp_path, digits_uri)
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert second.returncode == 0, second.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store, registry_uri=store)
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("digits").experiment_id],
         "tags.`pipeline.kind` = 'tune'",
