@@ -335,14 +335,27 @@ def test_rollback_returns_to_previous_champion_and_keeps_it_out(client, cfg, run
 def _race(env, name: str, v: dict[str, str], *, without_lock: bool) -> dict[str, dict]:
     """Two promotions as separate processes, medium and strong against a weak champion. Both
     evaluate, then reach the alias write; the medium one holds its write until the strong one
-    has written (or 15 s passed). Unserialised, both decide against the weak champion and the
+    has written, and the strong one holds its write until the medium one has decided and reached
+    its own (or 15 s passed: with the lock, the other one waits for the lock instead).
+    Unserialised, both decide against the weak champion and the
     worse one writes last. Returns each process's decision and the champion writes it made."""
     ctx = multiprocessing.get_context("spawn")
-    barrier, results, strong_wrote = ctx.Barrier(2), ctx.Queue(), ctx.Event()
+    barrier, results, strong_wrote, medium_at_write = (
+        ctx.Barrier(2), ctx.Queue(), ctx.Event(), ctx.Event()
+    )  # fmt: skip
     procs = [
         ctx.Process(
             target=_promote_in_child,
-            args=(env.uri, name, v[q], q, strong_wrote, barrier, results, without_lock),
+            args=(
+                env.uri,
+                name,
+                v[q],
+                q,
+                (strong_wrote, medium_at_write),
+                barrier,
+                results,
+                without_lock,
+            ),
         )
         for q in ("medium", "strong")
     ]
@@ -390,7 +403,7 @@ def test_without_the_lock_the_same_race_ends_on_the_worse_model(env, client, cfg
     assert aliases(client, name)[CHAMPION] == v["medium"]
 
 
-def _promote_in_child(uri, name, version, role, strong_wrote, barrier, results, no_lock) -> None:
+def _promote_in_child(uri, name, version, role, events, barrier, results, no_lock) -> None:
     import contextlib
 
     import pipeline.registry.promotion as registry  # where promote() finds the lock
@@ -398,9 +411,14 @@ def _promote_in_child(uri, name, version, role, strong_wrote, barrier, results, 
     writes: list[str] = []
     original = MlflowClient.set_registered_model_alias
 
+    strong_wrote, medium_at_write = events
+
     def hooked_write(self, model_name, alias, alias_version):
         if alias == CHAMPION and role == "medium":
+            medium_at_write.set()  # it has decided: the strong one may write now
             strong_wrote.wait(15)
+        if alias == CHAMPION and role == "strong":
+            medium_at_write.wait(15)
         original(self, model_name, alias, alias_version)
         if alias == CHAMPION:
             writes.append(str(alias_version))
