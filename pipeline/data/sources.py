@@ -74,7 +74,7 @@ def stratified_split(
     return assignment
 
 
-class _Progress:
+class Progress:
     """WriteProgress events for `opts.on_progress`, at most ten a second and always the last."""
 
     def __init__(self, sink: EventSink | None, description: str, total: int) -> None:
@@ -120,7 +120,7 @@ def _write_rows(
         overwrite=opts.overwrite,
     )
     with writer:
-        bar = _Progress(opts.on_progress, f"writing {name}", total)
+        bar = Progress(opts.on_progress, f"writing {name}", total)
         for split, pixels, label, row_id in rows:
             writer.add(split, pixels, label, row_id)
             bar.advance()
@@ -340,7 +340,7 @@ def _import_files(
         overwrite=opts.overwrite,
     )
     items = [(assignment[i], files[i], int(labels[i])) for i in _ordered(assignment, seed)]
-    bar = _Progress(
+    bar = Progress(
         opts.on_progress, f"importing {name} ({images.pool_size()} processes)", len(items)
     )
     return write_image_files(writer, items, images, resize=size is not None, progress=bar.advance)

@@ -39,8 +39,9 @@ import pyarrow.parquet as pq
 
 from pipeline import storage as st
 from pipeline.config import PipelineConfig, StorageConfig
+from pipeline.data.sources import Progress
 from pipeline.errors import DatasetError, PipelineError, ServingError, StorageError, UsageError
-from pipeline.events import EventSink, WriteProgress
+from pipeline.events import EventSink
 from pipeline.tags import PULL_META_FILE
 
 DEVICES = ("cpu", "cuda")
@@ -425,25 +426,6 @@ class StagedParquet:
 # The run
 
 
-class _Progress:
-    """WriteProgress events, at most ten a second and always the last."""
-
-    def __init__(self, sink: EventSink | None, description: str, total: int) -> None:
-        self.sink, self.description, self.total = sink, description, total
-        self.done, self._sent_at = 0, 0.0
-        self._send()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.done >= self.total or time.monotonic() - self._sent_at >= 0.1:
-            self._send()
-
-    def _send(self) -> None:
-        if self.sink is not None:
-            self._sent_at = time.monotonic()
-            self.sink(WriteProgress(self.description, self.done, self.total))
-
-
 def _start_ray(opts: PredictOptions, cfg: PipelineConfig | None) -> None:
     import ray
 
@@ -507,7 +489,7 @@ def predict(
         }
     )
     where = "GPU" if opts.device == "cuda" else "CPU"
-    progress = _Progress(
+    progress = Progress(
         opts.on_progress, f"predicting ({opts.concurrency} {where} workers)", inp.total
     )
     rows, skipped, examples = 0, 0, []

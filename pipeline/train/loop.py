@@ -442,6 +442,13 @@ def _step(state: TrainState, forward, x, y, opts: StepOptions):
         loss = mixed_loss(logits, target, opts.label_smoothing)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    _optimizer_step(state, opts)
+    return loss, logits
+
+
+def _optimizer_step(state: TrainState, opts: StepOptions) -> None:
+    """After the backward pass(es): unscale and clip, step, update the scaler, the schedule
+    and the EMA."""
     if opts.grad_clip is not None:
         state.scaler.unscale_(state.optimizer)
         clip_gradients(state.model, opts.grad_clip)
@@ -450,7 +457,6 @@ def _step(state: TrainState, forward, x, y, opts: StepOptions):
     state.scheduler.step()
     if state.ema is not None:
         state.ema.update(state.model)
-    return loss, logits
 
 
 def _micro_step(state: TrainState, forward, x, y, opts: StepOptions, batch: int):
@@ -472,14 +478,7 @@ def _micro_step(state: TrainState, forward, x, y, opts: StepOptions, batch: int)
             loss = mixed_loss(logits, target, opts.label_smoothing)
         state.scaler.scale(loss / size).backward()
     if last:
-        if opts.grad_clip is not None:
-            state.scaler.unscale_(state.optimizer)
-            clip_gradients(state.model, opts.grad_clip)
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.scheduler.step()
-        if state.ema is not None:
-            state.ema.update(state.model)
+        _optimizer_step(state, opts)
     return loss, logits
 
 
