@@ -64,11 +64,15 @@ def register_training(cfg: PipelineConfig, summary: Any) -> Any:
 def logged_model_uri(client, run, name: str) -> str:
     """`models:/<model id>` of the model `name` that `run` logged (MLflow 3 keeps logged models
     outside the run's artifacts; registering `runs:/<id>/<name>` only warns and resolves to
-    this), or `runs:/<id>/<name>` for a run that logged none of that name."""
+    this), or `runs:/<id>/<name>` for a run that logged none of that name. Only a READY
+    model counts."""
+    from mlflow.entities import LoggedModelStatus
+
     outputs = run.outputs.model_outputs if run.outputs else []
     for output in outputs:
         model = client.get_logged_model(output.model_id)
-        if model.name == name:
+        # (a FAILED one is an attempt that raised, e.g. the pt2 export before the pickle one)
+        if model.name == name and model.status == LoggedModelStatus.READY:
             return model.model_uri
     return f"runs:/{run.info.run_id}/{name}"
 
