@@ -192,88 +192,64 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 3])
 
 
-def test_a_damaged_checkpoint_resumes_from_the_one_before_and_none_ends_the_run(
-    ray_session, workdir, digits_uri
+def test_the_same_name_resumes_past_a_damaged_checkpoint_and_a_new_name_starts_fresh(
+    ray_session, workdir, digits_uri, monkeypatch
 ):
-    """A run stopped after two checkpoints, the latest then damaged on disk: the same command
-    under run.max_failures=-1 resumes from the one before (each epoch logged once). With no
-    readable checkpoint at all it fails with a message naming them, instead of restarting
-    forever."""
+    """One store, two run names, four runs (one test: each run costs ~25 s of Ray start-up).
 
-    def stopped_run(run_name: str, epochs: int) -> tuple[Path, list[str]]:
+    * A run stopped after two checkpoints, the latest then damaged on disk: the same command
+      under run.max_failures=-1 continues the same MLflow run from the checkpoint before, with
+      each epoch logged once.
+    * Another name starts a new MLflow run from epoch 0, and when its only checkpoint is
+      damaged it fails with a message naming it instead of restarting forever.
+    * Nothing is written to the working directory or the checkout: run artifacts and the logged
+      model sit beside the SQLite store (MLflow's default would be ./mlruns), checkpoints under
+      run.storage_path.
+    """
+    cwd = workdir / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = repo_files()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def stopped_run(run_name: str, epochs: int) -> tuple[Path, list[str], str]:
         overrides = [
             f"run.name={run_name}", f"train.epochs={epochs}", "scaling.num_workers=1",
             "train.batch_size=128", "run.num_to_keep=4", "registry.model_name=",
         ]  # fmt: skip
         kill = [KillWorkerOnce(epoch=epochs - 1, marker=str(workdir / f"{run_name}-killed"))]
-        with pytest.raises(TrainingError):
+        with pytest.raises(TrainingError, match=run_name):
             run_training(
                 config(workdir, digits_uri, *overrides, "run.max_failures=0"), loop_callbacks=kill
             )
-        return workdir / "runs" / run_name, [*overrides, "run.max_failures=-1"]
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("digits").experiment_id],
+            f"attributes.run_name = '{run_name}'",
+        )
+        assert metric_steps(client, run.info.run_id, "val_acc") == list(range(epochs - 1))
+        return workdir / "runs" / run_name, [*overrides, "run.max_failures=-1"], run.info.run_id
 
-    run_dir, again = stopped_run("damaged", epochs=3)  # checkpoints after epochs 1 and 2
+    run_dir, again, first_id = stopped_run("damaged", epochs=3)  # checkpoints after epochs 1, 2
     truncate(run_dir / "epoch-0002" / "checkpoint.pt")
     summary = run_training(config(workdir, digits_uri, *again))
-    client = MlflowClient(summary.tracking_uri)
+    assert summary.run_id == first_id, "the same name continues the same MLflow run"
     assert metric_steps(client, summary.run_id, "val_acc") == [0, 1, 2]
     resumed = client.get_metric_history(summary.run_id, "resumed_from_epoch")
     assert [m.value for m in resumed] == [0.0], "resumed after epoch 0, from epoch-0001"
 
-    run_dir, again = stopped_run("hopeless", epochs=2)  # one checkpoint, after epoch 1
+    run_dir, again, fresh_id = stopped_run("hopeless", epochs=2)  # one checkpoint, after epoch 1
+    assert fresh_id != first_id, "a new name starts a new run (its epochs from 0, checked above)"
     truncate(run_dir / "epoch-0001" / "checkpoint.pt")
     with pytest.raises(TrainingError, match="no checkpoint of this run can be read") as info:
         run_training(config(workdir, digits_uri, *again))
     assert "epoch-0001" in str(info.value)
 
-
-def test_training_writes_only_where_it_is_told(ray_session, workdir, digits_uri, monkeypatch):
-    """With a SQLite store, run artifacts (and the logged model) go next to the database, and
-    checkpoints to run.storage_path: nothing in the working directory, nothing in the checkout
-    (MLflow's default would be ./mlruns of the current directory)."""
-    cwd = workdir / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    before = repo_files()
-    cfg = config(
-        workdir, digits_uri, "run.name=tidy", "train.epochs=1", "scaling.num_workers=1",
-        "train.batch_size=128", "registry.model_name=tidy-model",
-    )  # fmt: skip
-    summary = run_training(cfg)
     assert list(cwd.iterdir()) == []
     assert repo_files() - before == set()
-    client = MlflowClient(cfg.tracking.tracking_uri)
     artifacts = client.get_run(summary.run_id).info.artifact_uri
     assert artifacts.startswith((workdir / "mlartifacts").as_uri()), artifacts
     logged = list((workdir / "mlartifacts").rglob("weights.pt"))
     assert logged, "the logged model lives beside the store too"
-
-
-def test_same_run_name_resumes_and_a_new_name_starts_fresh(ray_session, workdir, digits_uri):
-    failing = config(
-        workdir,
-        digits_uri,
-        "run.name=resumable",
-        "train.epochs=3",
-        "run.max_failures=0",
-        "registry.model_name=",
-    )
-    kill = [KillWorkerOnce(epoch=1, marker=str(workdir / "injected-failure"))]
-    with pytest.raises(TrainingError, match="resumable"):
-        run_training(failing, loop_callbacks=kill)
-    client = MlflowClient(failing.tracking.tracking_uri)
-    (first,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
-    assert metric_steps(client, first.info.run_id, "val_acc") == [0]
-
-    again = run_training(failing, loop_callbacks=kill)  # the marker stops a second kill
-    assert again.run_id == first.info.run_id
-    assert metric_steps(client, again.run_id, "val_acc") == [0, 1, 2]
-
-    fresh = run_training(
-        config(workdir, digits_uri, "run.name=other", "train.epochs=1", "registry.model_name=")
-    )
-    assert fresh.run_id != again.run_id
-    assert metric_steps(client, fresh.run_id, "val_acc") == [0]
 
 
 @pytest.mark.s3
