@@ -90,7 +90,7 @@ def _trial_rows(
                 epochs=epochs,
                 best=best,
                 last=values[-1] if values else None,
-                params={p.path: result.config.get(p.path) for p in space.params},
+                params={p.path: (result.config or {}).get(p.path) for p in space.params},
                 run_id=child.info.run_id if child else None,
                 test_acc=child.data.metrics.get("test_acc") if child else None,
                 error=str(result.error).strip().splitlines()[-1] if result.error else None,

@@ -161,3 +161,22 @@ def test_load_from_file(tmp_path, cfg):
     good = tmp_path / "space.yaml"
     good.write_text("space:\n  train.lr: {loguniform: [0.01, 0.5]}\n")
     assert [p.path for p in load_search_space(good, cfg).params] == ["train.lr"]
+
+
+@pytest.mark.parametrize(
+    ("status", "last_result", "finished"),
+    [
+        ("TERMINATED", {"epochs_done": 2}, True),  # completed, or stopped early by ASHA
+        ("ERROR", {}, True),  # failed (a restore retries it: resume_errored)
+        ("RUNNING", {"epochs_done": 1}, False),
+        ("PENDING", {}, False),
+        # Ctrl-C while it started: Tune's saved state still has it pending
+        ("TERMINATED", {}, False),
+    ],
+)
+def test_a_trial_interrupted_before_its_first_report_is_unfinished(status, last_result, finished):
+    from types import SimpleNamespace
+
+    from pipeline.tune.search import _finished
+
+    assert _finished(SimpleNamespace(status=status, last_result=last_result)) is finished
