@@ -184,7 +184,7 @@ def _run_config(cfg: PipelineConfig, run_name: str, callbacks: list[Any] | None 
     )
 
 
-def _scaling_config(cfg: PipelineConfig):
+def scaling_config(cfg: PipelineConfig):
     from ray.train import ScalingConfig
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -194,6 +194,7 @@ def _scaling_config(cfg: PipelineConfig):
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=resources,
+        placement_strategy=cfg.scaling.placement_strategy,
     )
 
 
@@ -242,7 +243,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=torch_config(cfg),
-        scaling_config=_scaling_config(cfg),
+        scaling_config=scaling_config(cfg),
         run_config=_run_config(cfg, run_name, callbacks),
         datasets=_datasets(cfg, dataset, cache),
     )
