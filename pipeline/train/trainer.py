@@ -198,6 +198,19 @@ def scaling_config(cfg: PipelineConfig):
     )
 
 
+def progress_queue_here():
+    """The queue rank 0 puts its progress on, held by an actor on the driver's node (the one
+    that reads it): left to Ray, the actor may land on any node of a cluster, and the loss of
+    that node failed every restarted rank 0 at its first put until run.max_failures ran out.
+    Ray Train pins its controller to the driver's node in the same way."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
 def torch_config(cfg: PipelineConfig):
     """The process group Ray Train sets up: backend (nccl for GPU workers, gloo for CPU ones,
     unless scaling.backend says) and the collective timeout."""
@@ -266,7 +279,6 @@ def run_training(
     `pipeline.train.callbacks`). The model is not registered here: see
     `pipeline.registry.register_training`."""
     from mlflow.tracking import MlflowClient
-    from ray.util.queue import Queue
 
     from pipeline.tracking import open_mlflow_run
 
@@ -294,7 +306,7 @@ def run_training(
             _end_run(MlflowClient(uri), run_id, "FAILED", str(exc))
             raise
         startup["startup_ray_ready_s"] = time.time() - started
-        progress_queue = Queue()
+        progress_queue = progress_queue_here()
         trainer = build_trainer(
             cfg,
             dataset,
