@@ -224,6 +224,10 @@ class ScalingConfig(_Section):
     # How long a collective (gradient all-reduce, metric reduce, report barrier) may wait for
     # the slowest worker before the run fails (the process group's timeout; Ray's default).
     timeout_s: int = Field(1800, ge=10)
+    # How Ray places the workers' bundles on nodes: PACK fills a node first (fast collectives),
+    # SPREAD puts them on as many nodes as it can (one node's loss takes fewer workers with it);
+    # the STRICT_ forms wait until that is possible instead of falling back.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     num_cpus: int | None = Field(None, ge=1)  # local Ray only
     # CPUs left free beside the workers for Ray Data's read and decode tasks: with none, reads

@@ -184,7 +184,7 @@ def _run_config(cfg: PipelineConfig, run_name: str, callbacks: list[Any] | None 
     )
 
 
-def _scaling_config(cfg: PipelineConfig):
+def scaling_config(cfg: PipelineConfig):
     from ray.train import ScalingConfig
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -194,7 +194,21 @@ def _scaling_config(cfg: PipelineConfig):
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=resources,
+        placement_strategy=cfg.scaling.placement_strategy,
     )
+
+
+def progress_queue_here():
+    """The queue rank 0 puts its progress on, held by an actor on the driver's node (the one
+    that reads it): left to Ray, the actor may land on any node of a cluster, and the loss of
+    that node failed every restarted rank 0 at its first put until run.max_failures ran out.
+    Ray Train pins its controller to the driver's node in the same way."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def torch_config(cfg: PipelineConfig):
@@ -242,7 +256,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=torch_config(cfg),
-        scaling_config=_scaling_config(cfg),
+        scaling_config=scaling_config(cfg),
         run_config=_run_config(cfg, run_name, callbacks),
         datasets=_datasets(cfg, dataset, cache),
     )
@@ -265,7 +279,6 @@ def run_training(
     `pipeline.train.callbacks`). The model is not registered here: see
     `pipeline.registry.register_training`."""
     from mlflow.tracking import MlflowClient
-    from ray.util.queue import Queue
 
     from pipeline.tracking import open_mlflow_run
 
@@ -293,7 +306,7 @@ def run_training(
             _end_run(MlflowClient(uri), run_id, "FAILED", str(exc))
             raise
         startup["startup_ray_ready_s"] = time.time() - started
-        progress_queue = Queue()
+        progress_queue = progress_queue_here()
         trainer = build_trainer(
             cfg,
             dataset,

@@ -8,12 +8,9 @@ and one that is stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +25,7 @@ import yaml
 
 from pipeline import cluster
 from tests.conftest import free_port
+from tests.support import cluster_env, kill_started_by, ray_start_command
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -46,34 +44,6 @@ class RayCluster:
     log: Path
 
 
-def _proc_table() -> dict[tuple[int, int], tuple[int, int]]:
-    """(pid, start time) -> (parent pid, session id) for every process we can see (Linux /proc);
-    the start time tells a process from a later one that got the same pid."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(entry.name), int(fields[19])] = (int(fields[1]), int(fields[3]))
-    return table
-
-
-def _started_by(root: int) -> set[tuple[int, int]]:
-    """`root`'s session plus every descendant (job drivers run in sessions of their own)."""
-    table = _proc_table()
-    found = {key for key, (_, sid) in table.items() if sid == root}
-    grew = True
-    while grew:
-        pids = {pid for pid, _ in found}
-        children = {key for key, (ppid, _) in table.items() if ppid in pids} - found
-        found |= children
-        grew = bool(children)
-    return found
-
-
 def _stop_cluster(proc: subprocess.Popen, address: str) -> None:
     """Stop unfinished jobs, ask the node to shut down, then kill whatever of ours is left:
     `ray stop --force` for this cluster only (`ray stop` kills every Ray on the machine)."""
@@ -84,33 +54,7 @@ def _stop_cluster(proc: subprocess.Popen, address: str) -> None:
                 cluster.stop_job(client, job.submission_id)
     except cluster.ClusterError:
         pass
-    ours = _started_by(proc.pid)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)  # the node drains for up to 30 s; nothing here needs draining
-    still_there = set(_proc_table())
-    for pid, _ in (ours | _started_by(proc.pid)) & still_there:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait(10)
-
-
-def _cluster_env() -> dict[str, str]:
-    """A clean environment, as on a machine of its own: no address, tracking or S3 settings
-    leak in from the test session, and its `python` is this virtualenv's (jobs run `python`)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
-        and not k.startswith("AWS_")
-    }
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    # Ray replaces 127.0.0.1 by the machine's outward address (it expects other nodes); off
-    # here, so the whole single-node cluster stays on the loopback interface.
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    return env
+    kill_started_by(proc)  # the node drains for up to 30 s; nothing here needs draining
 
 
 @pytest.fixture(scope="module")
@@ -119,24 +63,12 @@ def ray_cluster() -> Iterator[RayCluster]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rtc-", dir="/tmp"))
     log = temp_dir / "ray-start.log"
     dashboard = free_port()
-    low = random.randrange(20000, 29000, 100)
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--dashboard-agent-listen-port", str(free_port()),
-        "--dashboard-agent-grpc-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()),
-        "--metrics-export-port", str(free_port()),
-        "--ray-client-server-port", str(free_port()),
-        "--min-worker-port", str(low), "--max-worker-port", str(low + 299),
-        "--num-cpus", "3", "--temp-dir", str(temp_dir),
-    ]  # fmt: skip
+    cmd = ray_start_command(temp_dir, num_cpus=3, dashboard_port=dashboard)
     proc = subprocess.Popen(
         cmd,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=_cluster_env(),
+        env=cluster_env(),
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"

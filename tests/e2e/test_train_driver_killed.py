@@ -14,23 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import logged_epochs
+
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
-
-
-def logged_epochs(db: Path, key: str = "val_acc") -> list[tuple[str, int]]:
-    """(run id, step) of every `key` value in the SQLite store, as the database holds them."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute(
-                "SELECT run_uuid, step FROM metrics WHERE key = ? ORDER BY step", (key,)
-            ).fetchall()
-    except sqlite3.OperationalError:  # tables not created yet, or a write in progress
-        return []
 
 
 def kill_group(proc: subprocess.Popen) -> None:

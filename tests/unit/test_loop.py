@@ -1,5 +1,6 @@
 """Worker-side pieces of the training loop that need no Ray cluster: device set-up, the model a
-worker trains, the process group's settings, and what travels to the workers."""
+worker trains, the process group's settings, the workers' placement, and what travels to the
+workers."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from torch import nn
 
 from pipeline.config import load_config
 from pipeline.data.shards import Manifest
+from pipeline.errors import ConfigError
 from pipeline.train.callbacks import KillWorkerOnce, StepInfo
 from pipeline.train.entry import DatasetHandle, LoopConfig
 from pipeline.train.loop import configure_device, worker_model
-from pipeline.train.trainer import torch_config
+from pipeline.train.trainer import scaling_config, torch_config
 
 
 @pytest.fixture
@@ -49,6 +51,19 @@ def test_process_group_backend_and_timeout_reach_ray():
     assert (gpu.backend, gpu.timeout_s) == ("nccl", 120)
     cpu = torch_config(load_config())
     assert (cpu.backend, cpu.timeout_s) == ("gloo", 1800)
+
+
+def test_workers_and_their_placement_reach_ray():
+    default = scaling_config(load_config())
+    assert (default.num_workers, default.placement_strategy) == (2, "PACK")
+    assert default.resources_per_worker == {"CPU": 1.0}
+    spread = scaling_config(
+        load_config(None, ["scaling.placement_strategy=SPREAD", "scaling.cpus_per_worker=2"])
+    )
+    assert spread.placement_strategy == "SPREAD" and spread.resources_per_worker == {"CPU": 2.0}
+    assert spread.as_placement_group_factory().strategy == "SPREAD"  # what Ray reserves
+    with pytest.raises(ConfigError, match=r"scaling\.placement_strategy: Input should be 'PACK'"):
+        load_config(None, ["scaling.placement_strategy=spread"])
 
 
 def test_loop_config_pickles_with_its_dataset_handle_and_callbacks(manifest, digits_uri, tmp_path):
