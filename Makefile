@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(BIN)/pipeline train --config jobs/configs/digits.yaml
 
-# The whole suite (CI: .ci/run), with the 25 slowest tests and fixtures listed at the end.
+# The whole suite (CI: .ci/run), with the 25 slowest tests and fixtures listed at the end. Two
+# test processes, each module whole in one of them (its module fixtures start once): most of a
+# test's time is Ray starting processes one after another, so a second test fills the gaps.
 test: $(STAMP)
-	$(BIN)/python -m pytest --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 # The inner loop: tests marked `quick` (every unit test, and integration tests without Ray).
 test-fast: $(STAMP)

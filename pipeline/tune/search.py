@@ -404,7 +404,8 @@ def _search(cfg, space: SearchSpace, manifest, summary_base: dict, on_event: Eve
     # Ctrl-C (SIGINT) makes Tune save its state and return early: trials unfinished, or not
     # yet sampled (only a time budget may legitimately end a search short of its samples).
     trials = tuner_trials(grid)
-    unfinished = sum(not _finished(t) for t in trials)
+    budget = bool(space.settings.time_budget_s)
+    unfinished = sum(not _finished(t, budget) for t in trials)
     unsampled = space.total_trials() - len(trials)
     if unfinished or (unsampled > 0 and not space.settings.time_budget_s):
         raise TuneError(
@@ -415,14 +416,15 @@ def _search(cfg, space: SearchSpace, manifest, summary_base: dict, on_event: Eve
     return finish_search(cfg, space, grid, summary_base)
 
 
-def _finished(trial: Any) -> bool:
+def _finished(trial: Any, time_budget: bool = False) -> bool:
     """Whether a trial of a returned `Tuner.fit()` ended (completed, stopped early or failed).
     A trial Ctrl-C caught while it started comes back TERMINATED with nothing reported; Tune's
     saved state (written before it stops the trials) still has it pending, so a restore runs
-    it: unfinished."""
-    if trial.status == "ERROR":
+    it: unfinished. (Under a time budget, the budget may have ended it: finished.)"""
+    if trial.status == "ERROR" or (trial.status == "TERMINATED" and time_budget):
         return True
-    return trial.status == "TERMINATED" and bool(trial.last_result)
+    # (`last_result` is never empty: Tune fills in its own fields; ours come with a report)
+    return trial.status == "TERMINATED" and "epochs_done" in trial.last_result
 
 
 def _fail_parent(cfg: PipelineConfig, parent_id: str) -> None:

@@ -219,6 +219,7 @@ def test_a_second_nightly_run_is_refused_while_one_holds_the_lock(ray_session, s
     # While another nightly run holds the lock, a second one (a real CLI process) is refused at
     # once and changes nothing.
     lock = LockSettings(timeout_s=10.0, ttl_s=120.0, settle_s=1.0)
+    client.create_registered_model("nightly-model")  # (the lock is a tag on it)
     with NightlyLock(client, "nightly-model", lock):
         proc = subprocess.run(
             [

@@ -167,11 +167,12 @@ def test_load_from_file(tmp_path, cfg):
     ("status", "last_result", "finished"),
     [
         ("TERMINATED", {"epochs_done": 2}, True),  # completed, or stopped early by ASHA
-        ("ERROR", {}, True),  # failed (a restore retries it: resume_errored)
+        ("ERROR", {"trial_id": "a"}, True),  # failed (a restore retries it: resume_errored)
         ("RUNNING", {"epochs_done": 1}, False),
-        ("PENDING", {}, False),
-        # Ctrl-C while it started: Tune's saved state still has it pending
-        ("TERMINATED", {}, False),
+        ("PENDING", {"trial_id": "a"}, False),
+        # Ctrl-C while it started: Tune's saved state still has it pending. Tune fills in its
+        # own fields (trial id, pid, host, time) before any report.
+        ("TERMINATED", {"trial_id": "a", "pid": 1, "hostname": "h", "timestamp": 0}, False),
     ],
 )
 def test_a_trial_interrupted_before_its_first_report_is_unfinished(status, last_result, finished):
@@ -179,4 +180,7 @@ def test_a_trial_interrupted_before_its_first_report_is_unfinished(status, last_
 
     from pipeline.tune.search import _finished
 
-    assert _finished(SimpleNamespace(status=status, last_result=last_result)) is finished
+    trial = SimpleNamespace(status=status, last_result=last_result)
+    assert _finished(trial) is finished
+    # under search.time_budget_s the budget may end a trial before its first report
+    assert _finished(trial, time_budget=True) is (finished or status == "TERMINATED")
