@@ -344,6 +344,9 @@ def check_photo_dataset(out: str, m) -> None:
         epochs.append(np.concatenate([b["label"] for b in batches]).tolist())
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
     assert len({tuple(e) for e in epochs}) > 1, "file order changes between epochs"
+    # Read and decode run fused in one task per shard (as two operators, Ray held the decode to
+    # about one task at a time: README, ingest benchmark).
+    assert "ReadParquet->MapBatches(InChunks)" in train.stats(), train.stats()
     again = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3)
     first = np.concatenate([b["label"] for b in again.iter_batches(batch_format="numpy")])
     assert first.tolist() == epochs[0], "the same seed gives the same first epoch"
