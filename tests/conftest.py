@@ -23,36 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-# The modules that take longest (seconds in the 2026-11-30 clean-clone run, two test processes
-# on 2 cores), longest first. `make test` runs with `-n 2 --dist loadfile --no-loadscope-reorder`:
-# xdist hands whole modules to its two processes in collection order, so these start first and
-# the hundreds of short tests fill in at the end. (xdist's default order, most tests first, left
-# these for last: 19 of that run's 33 minutes went to its last 48 tests.)
-SLOW_MODULES = (
-    "integration/test_training.py",  # ~740
-    "integration/test_tune.py",  # ~440
-    "integration/test_nightly.py",  # ~340
-    "e2e/test_cluster_jobs.py",  # ~260
-    "integration/test_registry.py",  # ~200 (with the session's trained model)
-    "e2e/test_train_driver_killed.py",  # ~165
-    "integration/test_serving.py",  # ~160 (with the session's trained model)
-    "integration/test_gpu_check.py",  # ~155
-    "integration/test_photo_training.py",  # ~140
-    "e2e/test_two_nodes.py",  # ~135
-    "integration/test_predict.py",  # ~90
-    "integration/test_registry_postgres.py",  # ~80
-)
-
-
 def pytest_collection_modifyitems(config, items) -> None:
     """Every unit test is `quick` (`make test-fast` runs `-m quick`); integration modules that
-    need no Ray training mark themselves. The slowest modules go first (SLOW_MODULES)."""
+    need no Ray training mark themselves."""
     unit = REPO / "tests" / "unit"
     for item in items:
         if Path(item.fspath).is_relative_to(unit):
             item.add_marker(pytest.mark.quick)
-    rank = {REPO / "tests" / module: i for i, module in enumerate(SLOW_MODULES)}
-    items.sort(key=lambda item: rank.get(Path(item.fspath), len(rank)))  # (stable)
 
 
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")

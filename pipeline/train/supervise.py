@@ -103,6 +103,7 @@ class _Supervisor:
         self.fatal: str | None = None
         self.stopped = False
         self.can_abort = threading.current_thread() is threading.main_thread()
+        self.aborted = False
 
     def forward(self, msg: dict[str, Any]) -> None:
         event = event_from_message(msg)
@@ -143,7 +144,9 @@ class _Supervisor:
     def abort(self) -> None:
         """Ray Train's graceful abort: its Ctrl-C handler on the main thread."""
         if self.can_abort:
-            signal.raise_signal(signal.SIGINT)
+            if not self.aborted:  # once: a second Ctrl-C could land after the fit returned
+                self.aborted = True
+                signal.raise_signal(signal.SIGINT)
         else:
             log.warning("the run cannot be aborted from here (not the main thread)")
 
@@ -193,10 +196,10 @@ def supervised_fit(
     if sup.can_abort:
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         signal.signal(signal.SIGTERM, sup.on_sigterm)
-    reader.start()
     error: BaseException | None = None
     result = None
-    try:
+    try:  # (the reader may abort at once: its SIGINT must land inside this try)
+        reader.start()
         result = trainer.fit()
     except BaseException as exc:
         error = exc
