@@ -76,6 +76,20 @@ def logged_epochs(db: Path, key: str = "val_acc") -> list[tuple[str, int]]:
 # Ray nodes started with `ray start`, on 127.0.0.1, and stopped without touching anyone else's
 
 
+def digits_on_s3_command(digits_uri: str, bucket: str, db: Path, *overrides: str) -> list[str]:
+    """`pipeline train` on the main job's recipe as a user runs it: the digits dataset,
+    checkpoints under s3://BUCKET/runs, a SQLite MLflow store at `db`, no registration, 4
+    epochs at batch 128, then `overrides`."""
+    command = [str(BIN / "pipeline"), "train", "--config", str(REPO / "jobs/configs/digits.yaml")]
+    for override in (
+        f"data.uri={digits_uri}", "data.prepare=", f"run.storage_path=s3://{bucket}/runs",
+        f"tracking.tracking_uri=sqlite:///{db}", "registry.model_name=", "train.epochs=4",
+        "train.batch_size=128", *overrides,
+    ):  # fmt: skip
+        command += ["--set", override]
+    return command
+
+
 def proc_table() -> dict[tuple[int, int], tuple[int, int]]:
     """(pid, start time) -> (parent pid, session id) for every process we can see (Linux /proc);
     the start time tells a process from a later one that got the same pid."""

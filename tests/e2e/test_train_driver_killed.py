@@ -8,16 +8,11 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.support import logged_epochs
-
-REPO = Path(__file__).resolve().parents[2]
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
+from tests.support import digits_on_s3_command, logged_epochs
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -34,13 +29,9 @@ def test_a_killed_driver_resumes_from_s3_with_each_epoch_logged_once(
 ):
     bucket = s3_server.new_bucket()
     db = tmp_path / "mlflow.db"
-    command = [PIPELINE, "train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml")]
-    for override in (
-        f"data.uri={digits_uri}", "data.prepare=", f"run.storage_path=s3://{bucket}/runs",
-        f"tracking.tracking_uri=sqlite:///{db}", "run.name=killed", "train.epochs=4",
-        "scaling.num_workers=1", "train.batch_size=128", "registry.model_name=",
-    ):  # fmt: skip
-        command += ["--set", override]
+    command = digits_on_s3_command(
+        digits_uri, bucket, db, "run.name=killed", "scaling.num_workers=1"
+    )
     env = {**os.environ, **s3_server.env(), "RAY_ADDRESS": ""}  # its own local Ray
     log = (tmp_path / "first.log").open("wb")
     first = subprocess.Popen(

@@ -18,7 +18,6 @@ import secrets
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,10 +27,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.support import cluster_env, kill_started_by, logged_epochs, ray_start_command
-
-REPO = Path(__file__).resolve().parents[2]
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
+from tests.support import (
+    cluster_env,
+    digits_on_s3_command,
+    kill_started_by,
+    logged_epochs,
+    ray_start_command,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -148,15 +150,11 @@ def test_a_lost_node_resumes_on_the_other_from_s3_with_each_epoch_logged_once(
     names = {head: "head", node2: "node2"}
     bucket = s3_server.new_bucket()
     db = tmp_path / "mlflow.db"
-    command = [PIPELINE, "train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml")]
-    for override in (
-        f"data.uri={digits_uri}", "data.prepare=", f"run.storage_path=s3://{bucket}/runs",
-        f"tracking.tracking_uri=sqlite:///{db}", "tracking.log_model=false", "run.name=two-nodes",
-        "train.epochs=4", "train.batch_size=128", "scaling.num_workers=2",
-        "scaling.cpus_per_worker=1", "scaling.placement_strategy=SPREAD", "run.max_failures=2",
-        "registry.model_name=", f"scaling.ray_address={two_nodes.gcs_address}",
-    ):  # fmt: skip
-        command += ["--set", override]
+    command = digits_on_s3_command(
+        digits_uri, bucket, db, "tracking.log_model=false", "run.name=two-nodes",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.placement_strategy=SPREAD",
+        "run.max_failures=2", f"scaling.ray_address={two_nodes.gcs_address}",
+    )  # fmt: skip
     log = tmp_path / "train.log"
     train = subprocess.Popen(
         command, cwd=tmp_path, env=two_nodes.env, stdout=log.open("wb"), stderr=subprocess.STDOUT
