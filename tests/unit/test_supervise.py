@@ -18,8 +18,9 @@ from pipeline.train.supervise import Stalled, Stopped, Unrecoverable, Watch, sup
 class Hangs:
     """A fit whose workers never report: it waits until interrupted (as Ray's abort does)."""
 
-    def __init__(self, send_sigterm_after: float | None = None) -> None:
+    def __init__(self, send_sigterm_after: float | None = None, on_start=None) -> None:
         self.send_sigterm_after = send_sigterm_after
+        self.on_start = on_start  # called once the fit waits (what a worker does mid-fit)
         self.interrupted = False
 
     def fit(self):
@@ -29,6 +30,8 @@ class Hangs:
             timer.start()
         deadline = time.monotonic() + 120
         try:
+            if self.on_start is not None:
+                self.on_start()
             while time.monotonic() < deadline:
                 time.sleep(0.01)
         except KeyboardInterrupt:  # what Ray Train's handler turns into an abort
@@ -87,9 +90,22 @@ def test_a_worker_that_cannot_go_on_ends_the_fit_with_its_reason():
     """What a worker sends when every checkpoint is unreadable: the fit is aborted at once (no
     restart that would fail the same way), and fails with the worker's message."""
     q: queue.Queue = queue.Queue()
-    q.put({"kind": "fatal", "text": "cannot resume: no checkpoint of this run can be read"})
-    hangs = Hangs()  # the restart loop Ray would otherwise go on with
+    fatal = {"kind": "fatal", "text": "cannot resume: no checkpoint of this run can be read"}
+    # Sent once the fit runs (sent before, the abort can land before `fit` is entered, which
+    # ends the same way but leaves nothing here to observe it by).
+    hangs = Hangs(on_start=lambda: q.put(fatal))  # the restart loop Ray would otherwise go on
     watch = Watch(warn_after_s=30, fail_after_s=None, poll_s=0.02)
     with pytest.raises(Unrecoverable, match="no checkpoint of this run can be read"):
         supervised_fit(hangs, q, lambda e: None, watch)
     assert hangs.interrupted
+
+
+def test_a_fatal_message_waiting_before_the_fit_starts_still_ends_it_with_its_reason():
+    """The reader may abort before `fit` is entered (the race that once let a SIGINT escape):
+    the outcome is the same error, wherever the interrupt lands."""
+    watch = Watch(warn_after_s=30, fail_after_s=None, poll_s=0.02)
+    for _ in range(5):
+        q: queue.Queue = queue.Queue()
+        q.put({"kind": "fatal", "text": "cannot resume: no checkpoint of this run can be read"})
+        with pytest.raises(Unrecoverable, match="no checkpoint of this run can be read"):
+            supervised_fit(Hangs(), q, lambda e: None, watch)
