@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(BIN)/pipeline train --config jobs/configs/digits.yaml
 
-# The whole suite (CI: .ci/run), with the 25 slowest tests and fixtures listed at the end.
+# The whole suite (CI: .ci/run), with the 25 slowest tests and fixtures listed at the end. Two
+# test processes, each module whole in one of them (its module fixtures start once), the slowest
+# modules first (tests/conftest.py: SLOW_MODULES) so that the short ones even out the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The inner loop: tests marked `quick` (every unit test, and integration tests without Ray).
 test-fast: $(STAMP)

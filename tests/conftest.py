@@ -23,17 +23,41 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# The modules that take longest (seconds in the 2026-11-30 clean-clone run, two test processes
+# on 2 cores), longest first. `make test` runs with `-n 2 --dist loadfile --no-loadscope-reorder`:
+# xdist hands whole modules to its two processes in collection order, so these start first and
+# the hundreds of short tests fill in at the end. (xdist's default order, most tests first, left
+# these for last: 19 of that run's 33 minutes went to its last 48 tests.)
+SLOW_MODULES = (
+    "integration/test_training.py",  # ~740
+    "integration/test_tune.py",  # ~440
+    "integration/test_nightly.py",  # ~340
+    "e2e/test_cluster_jobs.py",  # ~260
+    "integration/test_registry.py",  # ~200 (with the session's trained model)
+    "e2e/test_train_driver_killed.py",  # ~165
+    "integration/test_serving.py",  # ~160 (with the session's trained model)
+    "integration/test_gpu_check.py",  # ~155
+    "integration/test_photo_training.py",  # ~140
+    "e2e/test_two_nodes.py",  # ~135
+    "integration/test_predict.py",  # ~90
+    "integration/test_registry_postgres.py",  # ~80
+)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Every unit test is `quick` (`make test-fast` runs `-m quick`); integration modules that
-    need no Ray training mark themselves."""
+    need no Ray training mark themselves. The slowest modules go first (SLOW_MODULES)."""
     unit = REPO / "tests" / "unit"
     for item in items:
         if Path(item.fspath).is_relative_to(unit):
             item.add_marker(pytest.mark.quick)
+    rank = {REPO / "tests" / module: i for i, module in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(Path(item.fspath), len(rank)))  # (stable)
 
 
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-SESSION_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI")  # as the session found it
+# MLflow's URIs as the session found them (the variables; its globals start unset).
+SESSION_MLFLOW_URIS = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
 
 
 def _mlflow_uri_globals():
@@ -60,11 +84,30 @@ def mlflow_uris_kept() -> Iterator[None]:
         if "mlflow" in sys.modules:
             tracking_utils, registry_utils = _mlflow_uri_globals()
             tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_variables(saved_env)
+
+
+def _set_variables(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_state_is_per_module() -> Iterator[None]:
+    """Every module's fixtures start from MLflow as the session found it, and what they set is
+    put back when the module ends. (Autouse, so it runs before the module's other fixtures.)
+    Without this, module order mattered: under two test processes a module fixture that
+    downloaded a `models:/` URI met a registry URI an earlier module had left set, and the
+    model was "not found"."""
+    _set_variables(SESSION_MLFLOW_URIS)
+    if "mlflow" in sys.modules:
+        tracking_utils, registry_utils = _mlflow_uri_globals()
+        tracking_utils._tracking_uri = registry_utils._registry_uri = None
+    with mlflow_uris_kept():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -75,11 +118,8 @@ def mlflow_state_is_per_test() -> Iterator[None]:
     500), and one leaked run broke every later `start_run`."""
     # The registry follows the tracking URI unless a test sets one: whatever an earlier fixture
     # (module- or session-scoped, set up before this test) left behind is dropped.
-    if os.environ.get("MLFLOW_REGISTRY_URI") != SESSION_REGISTRY_URI:
-        if SESSION_REGISTRY_URI is None:
-            os.environ.pop("MLFLOW_REGISTRY_URI", None)
-        else:
-            os.environ["MLFLOW_REGISTRY_URI"] = SESSION_REGISTRY_URI
+    registry = SESSION_MLFLOW_URIS["MLFLOW_REGISTRY_URI"]
+    _set_variables({"MLFLOW_REGISTRY_URI": registry})
     if "mlflow" in sys.modules:
         _mlflow_uri_globals()[1]._registry_uri = None
     with mlflow_uris_kept():

@@ -1,20 +1,35 @@
-"""`pipeline nightly` refuses bad input with one clear message, and touches nothing."""
+"""`pipeline nightly` refuses bad input with one clear message, and touches nothing.
+
+One case runs the installed `pipeline` command in a process of its own; the others run it
+in-process (typer's CliRunner) with RAY_ADDRESS at a closed port on 127.0.0.1, so that nothing
+can get as far as starting Ray.
+"""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 
-def nightly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [PIPELINE, "nightly", "--config", str(REPO / "jobs" / "configs" / "nightly.yaml")]
+@dataclass
+class Outcome:
+    returncode: int
+    stderr: str
+
+
+def nightly(tmp_path: Path, *args: str, in_process: bool = True) -> Outcome:
+    command = ["nightly", "--config", str(REPO / "jobs" / "configs" / "nightly.yaml")]
     base = [
         f"data.uri={tmp_path / 'digits'}",
         f"run.storage_path={tmp_path / 'runs'}",
@@ -22,9 +37,16 @@ def nightly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     ]
     for o in base:
         command += ["--set", o]
-    return subprocess.run(
-        [*command, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
+    if not in_process:
+        done = subprocess.run(
+            [PIPELINE, *command, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        return Outcome(done.returncode, done.stderr)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        mp.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")  # no Ray may start
+        result = CliRunner().invoke(app, [*command, *args])
+    return Outcome(result.exit_code, result.stderr)
 
 
 def closed_port() -> int:
@@ -63,7 +85,8 @@ def closed_port() -> int:
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path, args, expected):
-    result = nightly(tmp_path, *args)
+    # The first case through the installed command, in a process of its own.
+    result = nightly(tmp_path, *args, in_process="registry.model_name=" not in args)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

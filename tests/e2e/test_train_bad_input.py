@@ -1,20 +1,36 @@
-"""`pipeline train` refuses bad input with one clear message before any Ray worker starts."""
+"""`pipeline train` refuses bad input with one clear message before any Ray worker starts.
+
+One case runs the installed `pipeline` command as a user does; the others run the same command
+in-process (typer's CliRunner) with RAY_ADDRESS at a closed port on 127.0.0.1, so that a command
+that got as far as Ray fails loudly instead of starting it (each process start costs ~5 s of the
+suite's 2 cores).
+"""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 
-def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [PIPELINE, "train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml")]
+@dataclass
+class Outcome:
+    returncode: int
+    stderr: str
+
+
+def train(tmp_path: Path, *overrides: str, in_process: bool = True) -> Outcome:
+    args = ["train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml")]
     base = [
         f"data.uri={tmp_path / 'digits'}",
         f"run.storage_path={tmp_path / 'runs'}",
@@ -22,7 +38,16 @@ def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     ]
     for o in [*base, *overrides]:
         args += ["--set", o]
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    if not in_process:
+        done = subprocess.run(
+            [PIPELINE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        return Outcome(done.returncode, done.stderr)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        mp.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")  # no Ray may start
+        result = CliRunner().invoke(app, args)
+    return Outcome(result.exit_code, result.stderr)
 
 
 def closed_port() -> int:
@@ -63,5 +88,9 @@ def test_bad_input_fails_before_workers(tmp_path, overrides, expected):
 
 
 def test_unknown_model_lists_choices(tmp_path):
-    result = train(tmp_path, "model.name=resnet19")
+    """The installed command, in a process of its own."""
+    result = train(tmp_path, "model.name=resnet19", in_process=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
     assert "cifar_resnet20" in result.stderr and "dy_resnet18" in result.stderr
