@@ -345,11 +345,14 @@ def digits_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(moto):
+def ray_session(moto, tmp_path_factory):
     """One local Ray for the whole test session (its daemons cost a share of 2 cores).
 
-    Ray's daemons start with the S3 test server's AWS_* set, so that workers reach it; the
-    variables are set only while Ray starts, and this process's environment is restored.
+    Ray's daemons start with the S3 test server's AWS_* set, so that workers reach it, and with
+    TMPDIR in the session's tmp dir, so that what a worker killed on purpose leaves in its temp
+    files (an asynchronous upload's local checkpoint) stays there too; Ray's own files stay in
+    /tmp/ray (RAY_TMPDIR: its socket paths have a length limit). The variables are set only
+    while Ray starts, and this process's environment is restored.
     """
     import ray
 
@@ -359,6 +362,8 @@ def ray_session(moto):
     with pytest.MonkeyPatch.context() as mp:
         for name, value in moto.env().items():
             mp.setenv(name, value)
+        mp.setenv("RAY_TMPDIR", os.environ.get("RAY_TMPDIR", "/tmp"))
+        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("ray-workers-tmp")))
         mp.delenv("AWS_PROFILE", raising=False)
         # The node's address: 127.0.0.1, not the machine's outward interface (Ray picks that on
         # Linux; on macOS/Windows it uses loopback). Tests talk to 127.0.0.1 only.
