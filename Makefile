@@ -20,8 +20,9 @@ train: $(STAMP)
 	$(BIN)/pipeline train --config jobs/configs/digits.yaml
 
 # The whole suite (CI: .ci/run), with the 25 slowest tests and fixtures listed at the end. Two
-# test processes, each module whole in one of them (its module fixtures start once), the slowest
-# modules first (tests/conftest.py: SLOW_MODULES) so that the short ones even out the end.
+# test processes, each module whole in one of them (its module fixtures start once; the modules
+# that share the session's trained model together), the slowest first (tests/conftest.py:
+# SLOW_MODULES, TRAINED_MODEL_USERS) so that the short ones even out the end.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 

@@ -24,23 +24,33 @@ BIN = Path(sys.executable).parent
 
 
 # The modules that take longest (seconds in the 2026-11-30 clean-clone run, two test processes
-# on 2 cores), longest first. `make test` runs with `-n 2 --dist loadfile --no-loadscope-reorder`:
-# xdist hands whole modules to its two processes in collection order, so these start first and
-# the hundreds of short tests fill in at the end. (xdist's default order, most tests first, left
-# these for last: 19 of that run's 33 minutes went to its last 48 tests.)
+# on 2 cores, each test about twice its time alone), longest first. `make test` runs with `-n 2
+# --dist loadfile --no-loadscope-reorder`: xdist hands whole modules (or groups of them, see
+# TRAINED_MODEL_USERS) to its two processes in collection order, so these start first and the
+# hundreds of short tests fill in at the end. (xdist's default order, most tests first, left
+# these for last.)
 SLOW_MODULES = (
-    "integration/test_training.py",  # ~740
-    "integration/test_tune.py",  # ~440
-    "integration/test_nightly.py",  # ~340
-    "e2e/test_cluster_jobs.py",  # ~260
-    "integration/test_registry.py",  # ~200 (with the session's trained model)
-    "e2e/test_train_driver_killed.py",  # ~165
-    "integration/test_serving.py",  # ~160 (with the session's trained model)
-    "integration/test_gpu_check.py",  # ~155
-    "integration/test_photo_training.py",  # ~140
-    "e2e/test_two_nodes.py",  # ~135
-    "integration/test_predict.py",  # ~90
-    "integration/test_registry_postgres.py",  # ~80
+    "integration/test_registry.py",  # ~400, and with the rest of TRAINED_MODEL_USERS ~850
+    "integration/test_training.py",  # ~850
+    "integration/test_tune.py",  # ~510
+    "integration/test_nightly.py",  # ~410
+    "e2e/test_cluster_jobs.py",  # ~330
+    "integration/test_gpu_check.py",  # ~260
+    "integration/test_serving.py",  # ~210
+    "e2e/test_train_driver_killed.py",  # ~185
+    "e2e/test_two_nodes.py",  # ~170
+    "integration/test_registry_postgres.py",  # ~120
+    "integration/test_photo_training.py",  # ~120
+    "integration/test_predict.py",  # ~95
+)
+# The modules that use the session's `trained_model` (~65 s of training alone) go to one test
+# process together, so that only one of the two trains it.
+TRAINED_MODEL_USERS = (
+    "integration/test_registry.py",
+    "integration/test_serving.py",
+    "integration/test_registry_postgres.py",
+    "integration/test_predict.py",
+    "integration/test_readme_promises.py",
 )
 
 
@@ -53,6 +63,24 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.quick)
     rank = {REPO / "tests" / module: i for i, module in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(Path(item.fspath), len(rank)))  # (stable)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with TRAINED_MODEL_USERS one unit of work. (xdist's own `loadgroup`
+    marks do nothing under pytest 9: xdist 3.8 renames a test by `_nodeid`, which pytest 9 no
+    longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    grouped = {f"tests/{module}" for module in TRAINED_MODEL_USERS}
+
+    class ModulesAndGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "trained-model" if module in grouped else module
+
+    return ModulesAndGroups(config, log)
 
 
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
