@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError
 from pipeline.train.callbacks import KillWorkerOnce, StepInfo
 from pipeline.train.entry import DatasetHandle, LoopConfig
 from pipeline.train.loop import configure_device, worker_model
-from pipeline.train.trainer import scaling_config, torch_config
+from pipeline.train.trainer import data_config, scaling_config, torch_config
 
 
 @pytest.fixture
@@ -64,6 +64,15 @@ def test_workers_and_their_placement_reach_ray():
     assert spread.as_placement_group_factory().strategy == "SPREAD"  # what Ray reserves
     with pytest.raises(ConfigError, match=r"scaling\.placement_strategy: Input should be 'PACK'"):
         load_config(None, ["scaling.placement_strategy=spread"])
+
+
+def test_only_several_workers_split_the_datasets():
+    """One worker reads each dataset whole: splitting would start a SplitCoordinator actor per
+    dataset for nothing (a process of ~3 CPU-s each)."""
+    one = data_config(load_config(None, ["scaling.num_workers=1"]))
+    assert one._datasets_to_split == []
+    two = data_config(load_config(None, ["scaling.num_workers=2"]))
+    assert two._datasets_to_split == "all"
 
 
 def test_loop_config_pickles_with_its_dataset_handle_and_callbacks(manifest, digits_uri, tmp_path):
