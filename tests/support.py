@@ -6,10 +6,12 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -38,6 +40,41 @@ def untrained_accuracy(cfg, split: str = "test") -> float:
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     return correct / total
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released): an unreachable server
+    without sending traffic anywhere else."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stderr: str
+
+
+def run_pipeline(args: list[str], cwd: Path, *, in_process: bool = True) -> Outcome:
+    """`pipeline ARGS` in `cwd`: in-process through typer's CliRunner with RAY_ADDRESS at a closed
+    port on 127.0.0.1 (a command that got as far as Ray fails loudly instead of starting it), or
+    the installed command in a process of its own (~5-15 s of start-up on 2 cores)."""
+    if not in_process:
+        done = subprocess.run(
+            [str(BIN / "pipeline"), *args], capture_output=True, text=True, timeout=120, cwd=cwd
+        )
+        return Outcome(done.returncode, done.stderr)
+    import pytest
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")  # no Ray may start
+        result = CliRunner().invoke(app, args)
+    return Outcome(result.exit_code, result.stderr)
 
 
 def repo_files() -> set[str]:

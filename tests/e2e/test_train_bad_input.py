@@ -8,25 +8,13 @@ suite's 2 cores).
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from pipeline.cli import app
+from tests.support import Outcome, closed_port, run_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
-
-
-@dataclass
-class Outcome:
-    returncode: int
-    stderr: str
 
 
 def train(tmp_path: Path, *overrides: str, in_process: bool = True) -> Outcome:
@@ -38,22 +26,7 @@ def train(tmp_path: Path, *overrides: str, in_process: bool = True) -> Outcome:
     ]
     for o in [*base, *overrides]:
         args += ["--set", o]
-    if not in_process:
-        done = subprocess.run(
-            [PIPELINE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
-        )
-        return Outcome(done.returncode, done.stderr)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp_path)
-        mp.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")  # no Ray may start
-        result = CliRunner().invoke(app, args)
-    return Outcome(result.exit_code, result.stderr)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return run_pipeline(args, tmp_path, in_process=in_process)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ closed port on 127.0.0.1, so a command that got as far as needing Ray would fail
 from __future__ import annotations
 
 import shutil
-import socket
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +21,12 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.data.shards import Manifest
 from tests.conftest import mlflow_uris_kept
+from tests.support import closed_port
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = str(REPO / "jobs" / "configs" / "digits.yaml")
 
 pytestmark = pytest.mark.quick
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -3,13 +3,12 @@ the config artifact."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.storage import mask_credentials, strip_credentials
+from tests.support import closed_port
 
 
 @pytest.mark.parametrize(
@@ -34,12 +33,6 @@ def test_mask_credentials(text, masked):
 
 def test_strip_credentials_drops_user_and_password():
     assert strip_credentials("http://alice:pw@127.0.0.1:5000/x") == "http://127.0.0.1:5000/x"
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_error_naming_a_credentialed_uri_shows_no_password():
