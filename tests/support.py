@@ -42,12 +42,19 @@ def untrained_accuracy(cfg, split: str = "test") -> float:
     return correct / total
 
 
+_HELD: list[socket.socket] = []
+
+
 def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then released): an unreachable server
-    without sending traffic anywhere else."""
-    with socket.socket() as s:
+    """A port on 127.0.0.1 that refuses connections: an unreachable server, without sending
+    traffic anywhere else. The port stays bound (never listening) for the life of the test
+    process, so no server started meanwhile (the other test process's Ray, a gRPC server) can
+    take it; a port bound and released once was taken that way in CI."""
+    if not _HELD:
+        s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        _HELD.append(s)
+    return _HELD[0].getsockname()[1]
 
 
 @dataclass

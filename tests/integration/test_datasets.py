@@ -18,6 +18,7 @@ from pipeline.cli import app
 from pipeline.config import StorageConfig
 from pipeline.data.shards import SCHEMA, dataset_digest, decode_images, read_manifest, read_shard
 from pipeline.storage import resolve
+from tests.support import closed_port
 
 pytestmark = pytest.mark.quick
 
@@ -284,11 +285,7 @@ def test_wrong_s3_credentials(s3_server_with_auth, monkeypatch):
 
 
 def test_unreachable_s3_endpoint_fails_fast(monkeypatch):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
+    port = closed_port()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     r = cli(

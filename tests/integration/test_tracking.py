@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import re
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from pipeline.tracking import (
     start_or_resume_run,
 )
 from tests.conftest import mlflow_uris_kept
+from tests.support import closed_port
 
 pytestmark = pytest.mark.quick
 
@@ -229,14 +229,8 @@ def test_per_class_csv_checks_the_class_names():
 # --- reachability --------------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_fast_naming_the_uri():
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(TrackingUnavailable) as err:
         check_tracking_server(uri, 2)
     assert uri in str(err.value) and "make mlflow" in str(err.value)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import json
 import logging
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import NightlyError, PipelineError
 from pipeline.nightly import NightlyReport, notify, run_nightly
+from tests.support import closed_port
 
 
 class Hook:
@@ -53,9 +53,7 @@ def hook():
 
 
 def closed_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/hook/s3cr3t-token"
+    return f"http://127.0.0.1:{closed_port()}/hook/s3cr3t-token"
 
 
 def cfg_with(*urls: str, on: str = "[failed]"):
