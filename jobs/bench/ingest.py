@@ -1,21 +1,26 @@
 """Photograph ingest: this pipeline's Ray Data path against one process and a torch DataLoader.
 
 One generated set of JPEGs (mixed sizes around 500x375, cut and rescaled from scikit-learn's two
-sample photos; nothing is downloaded), one epoch at a time, the same 224x224 uint8 training
-batches (RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip):
+sample photos; nothing is downloaded), the same 224x224 uint8 training batches
+(RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip), `--epochs`
+consecutive epochs per loader and round, as a training run reads them:
   (i)   one     one process: Pillow decode (draft mode) + crop + flip, the per-core ceiling
-  (ii)  ray     `photo_dataset` (Ray Data: read Parquet -> DecodeCrop) into the consumer's
-                batches, as a training worker gets them, no model, every core
-  (iii) torch   `torch.utils.data.DataLoader`, one worker process per core, over the same files
-                and the same per-image function (the peer)
+  (ii)  ray     `photo_dataset` (Ray Data: `PhotoShards` reads, decodes and crops) of `--epochs`
+                epochs in one stream, an epoch's batches at a time (`EpochBatches`), as a
+                training worker gets them, no model, every core
+  (iii) torch   `torch.utils.data.DataLoader`, one persistent worker process per core, over the
+                same files and the same per-image function (the peer)
 plus, for reference, (i) without draft mode through torchvision's own RandomResizedCrop on PIL
-images. The three loaders run in rotating order, `--rounds` times, after a warm-up epoch each, so
-the machine's drift does not read as a difference; rates are medians.
+images (one epoch per round). The loaders run in rotating order, `--rounds` times, after a
+warm-up epoch each, so the machine's drift does not read as a difference; a loader's rate is
+the images of its `--epochs` epochs over their time (each epoch's start included), median over
+rounds. Ray's stream is closed at the end of its epochs, so it reads nothing ahead while another
+loader is timed.
 
 Import: `import_image_folder` of the same folder with every core against `workers=1`,
 alternating, medians.
 
-    .venv/bin/python jobs/bench/ingest.py [--images 2000] [--rounds 3] [--out FILE.json]
+    .venv/bin/python jobs/bench/ingest.py [--images 2000] [--rounds 3] [--epochs 5] [--out F]
 
 Prints the rates, the ratios (ii)/(iii) (target >= 0.9), (ii)/(i) (target >= 1.3), import
 (target >= 1.6), and how many cores one GPU needs at 3,000 images/s; writes JSON.
@@ -33,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import CropConfig  # noqa: E402
 from pipeline.data import imaging  # noqa: E402
-from pipeline.data.ingest import photo_dataset  # noqa: E402
+from pipeline.data.ingest import EpochBatches, photo_dataset  # noqa: E402
 
 BATCH = 64
 GPU_RATE = 3000  # images/s one modern GPU trains a ResNet-50 at (bf16)
@@ -150,6 +155,7 @@ def own_and_reaped_cpu_s() -> float:
 
 @dataclass
 class Epoch:
+    images: int
     rate: float  # images/s over the whole epoch, from asking for the first batch
     first_batch_s: float  # asking -> the first batch (start-up: tasks, worker processes, ...)
     steady_rate: float  # images/s after the first batch
@@ -163,13 +169,14 @@ def timed_epoch(batches: Iterable) -> Epoch:
             first, first_n = time.perf_counter(), n
     end = time.perf_counter()
     assert first is not None
-    return Epoch(n / (end - start), first - start, (n - first_n) / max(end - first, 1e-9))
+    return Epoch(n, n / (end - start), first - start, (n - first_n) / max(end - first, 1e-9))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5, help="consecutive epochs per loader")
     parser.add_argument("--shard-mb", type=float, default=8.0)
     parser.add_argument("--out", default=str(REPO / "jobs" / "bench" / "results" / "ingest.json"))
     args = parser.parse_args()
@@ -221,7 +228,6 @@ def main() -> None:
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     manifest = read_manifest(str(work / "ds"))
-    ds = photo_dataset(str(work / "ds"), manifest, "train", crop=CROP, train=True, batch_size=BATCH)
     loader = torch.utils.data.DataLoader(
         FileDataset(files),
         batch_size=BATCH,
@@ -231,36 +237,63 @@ def main() -> None:
         prefetch_factor=4,
     )
 
-    def ray_epoch() -> Iterator[np.ndarray]:
-        batches = ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4)
-        return (b["image"] for b in batches)
+    def ray_epochs(epochs: int, seed: int) -> Iterator[Iterator[np.ndarray]]:
+        """`epochs` epochs of one stream, as `pipeline.train.loop` reads them; closed after."""
+        ds = photo_dataset(
+            str(work / "ds"), manifest, "train", crop=CROP, train=True, batch_size=BATCH,
+            seed=seed, epochs=epochs,
+        )  # fmt: skip
+        stream = EpochBatches(
+            lambda: ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4)
+        )
+        try:
+            for _ in range(epochs):
+                yield (b["image"] for b in stream.take(len(files) // BATCH))
+        finally:
+            stream.close()
+
+    def each(make) -> Callable[[int, int], Iterator[Iterable[np.ndarray]]]:
+        return lambda epochs, seed: (make() for _ in range(epochs))
 
     loaders = {
-        "one": lambda: one_process(files),
-        "ray": ray_epoch,
-        "torch": lambda: iter(loader),
-        "plain": lambda: torchvision_plain(files),
+        "one": each(lambda: one_process(files)),
+        "ray": ray_epochs,
+        "torch": each(lambda: iter(loader)),
+        "plain": each(lambda: torchvision_plain(files)),
     }
     for name in ("ray", "torch"):  # warm-up: worker processes, imports, page cache
-        timed_epoch(loaders[name]())
-    epochs: dict[str, list[Epoch]] = {k: [] for k in loaders}
+        for batches in loaders[name](1, 1000):
+            timed_epoch(batches)
+    epochs: dict[str, list[Epoch]] = {k: [] for k in loaders}  # every epoch
+    rates: dict[str, list[float]] = {k: [] for k in loaders}  # one per round: its epochs
     cpu_ms: dict[str, list[float]] = {k: [] for k in loaders}  # CPU-ms per image, whole tree
     order = list(loaders)
     for r in range(args.rounds):
         for name in order[r % len(order) :] + order[: r % len(order)]:
-            before = tree_cpu_s()
-            e = timed_epoch(loaders[name]())
-            epochs[name].append(e)
-            cpu_ms[name].append(1000 * (tree_cpu_s() - before) / len(files))
+            n_epochs = 1 if name == "plain" else args.epochs
+            before, start, images = tree_cpu_s(), time.perf_counter(), 0
+            for batches in loaders[name](n_epochs, r):
+                e = timed_epoch(batches)
+                epochs[name].append(e)
+                images += e.images
+            rates[name].append(images / (time.perf_counter() - start))
+            cpu_ms[name].append(1000 * (tree_cpu_s() - before) / images)
+            starts = ", ".join(f"{e.first_batch_s:.2f}" for e in epochs[name][-n_epochs:])
             print(
-                f"round {r}: {name:6s} {e.rate:7.0f} img/s {cpu_ms[name][-1]:5.2f} CPU-ms/image, "
-                f"first batch after {e.first_batch_s:5.2f} s, then {e.steady_rate:7.0f} img/s"
+                f"round {r}: {name:6s} {rates[name][-1]:7.0f} img/s over {n_epochs} epoch(s), "
+                f"{cpu_ms[name][-1]:5.2f} CPU-ms/image, first batches after {starts} s"
             )
     ray.shutdown()
 
-    rates = {k: [e.rate for e in v] for k, v in epochs.items()}
     steady = {k: statistics.median(e.steady_rate for e in v) for k, v in epochs.items()}
-    first_s = {k: statistics.median(e.first_batch_s for e in v) for k, v in epochs.items()}
+    n = {k: 1 if k == "plain" else args.epochs for k in loaders}
+    # the first batch of a round's first epoch (the start of a run) and of the epochs after it
+    first_s = {k: statistics.median(e.first_batch_s for e in v[:: n[k]]) for k, v in epochs.items()}
+    later_s = {
+        k: statistics.median(e.first_batch_s for i, e in enumerate(v) if i % n[k])
+        for k, v in epochs.items()
+        if n[k] > 1
+    }
     med = {k: statistics.median(v) for k, v in rates.items()}
     imp = {k: statistics.median(v) for k, v in imports.items()}
     result = {
@@ -270,14 +303,16 @@ def main() -> None:
         "images": len(files),
         "megabytes": round(mb, 1),
         "rounds": args.rounds,
+        "epochs_per_round": args.epochs,
         "rates": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "median_img_per_s": {k: round(v, 1) for k, v in med.items()},
         "median_cpu_ms_per_image": {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
         "ray_over_torch": round(med["ray"] / med["torch"], 3),
         "ray_over_one": round(med["ray"] / med["one"], 3),
-        # the same after each epoch's first batch: what an epoch of a real dataset (ImageNet's
-        # 1.28M images, not these 2,000) runs at, its start-up spread over minutes
         "median_first_batch_s": {k: round(v, 3) for k, v in first_s.items()},
+        "median_first_batch_later_epochs_s": {k: round(v, 3) for k, v in later_s.items()},
+        # the rate after each epoch's first batch: what an epoch of a real dataset (ImageNet's
+        # 1.28M images, not these 2,000) runs at, its start-up spread over minutes
         "median_steady_img_per_s": {k: round(v, 1) for k, v in steady.items()},
         "steady_ray_over_torch": round(steady["ray"] / steady["torch"], 3),
         "steady_ray_over_one": round(steady["ray"] / steady["one"], 3),

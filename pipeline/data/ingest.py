@@ -7,16 +7,17 @@ to each of those start-ups, on the path to the first training step (see README "
 The torch side (`BatchTransform`, `WorkerCache`, `iter_split`, `to_float_normalized`) is
 `pipeline.data.transform`.
 
-Photographs (`data.crop`, `photo_dataset`): the map tasks decode and crop only, handing fixed-size
-uint8 NHWC batches on (a quarter of float32's bytes through Arrow, the object store and PCIe);
-the worker converts, normalises and mixes on its device.
+Photographs (`data.crop`, `photo_dataset`): the read tasks decode and crop only
+(`pipeline.data.stream.PhotoShards`), handing fixed-size uint8 NHWC batches on (a quarter of
+float32's bytes through Arrow, the object store and PCIe); the worker converts, normalises and
+mixes on its device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from pipeline.config import AugmentConfig, CropConfig, StorageConfig
 from pipeline.data import imaging
 from pipeline.data.shards import ImageSpec, Manifest, Normalization, decode_images
 from pipeline.errors import DatasetError
+
+T = TypeVar("T")
 
 
 def shard_paths(uri: str, manifest: Manifest, split: str, storage: StorageConfig | None = None):
@@ -144,21 +147,6 @@ class DecodeCrop:
         return imaging.crop_resize(img, box, self.crop.size, self.channels)
 
 
-@dataclass
-class InChunks:
-    """A map over a whole block, `rows` rows at a time, each chunk its own output block: a
-    fused read+map task gets a shard's rows at once, and its uint8 output (150 KB per 224 crop)
-    stays in blocks of `rows`."""
-
-    fn: Any
-    rows: int
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        n = len(next(iter(batch.values())))
-        for start in range(0, n, self.rows):
-            yield self.fn({k: v[start : start + self.rows] for k, v in batch.items()})
-
-
 def epoch_shard_order(paths: Sequence[str], seed: int, epoch: int) -> list[str]:
     """The files of a split in the order of epoch `epoch`: a permutation drawn from (train.seed,
     epoch), so every epoch reads its files in a different, reproducible order (the local shuffle
@@ -177,34 +165,64 @@ def photo_dataset(
     storage: StorageConfig | None = None,
     batch_size: int = 256,
     seed: int = 0,
-    epoch: int | None = None,
+    epochs: int = 1,
 ):
-    """A lazy Ray Dataset of one split as fixed-size uint8 NHWC batches (see `DecodeCrop`).
+    """A lazy Ray Dataset of one split as fixed-size uint8 NHWC batches (see `DecodeCrop`),
+    read, decoded and cropped in one task per shard (`pipeline.data.stream.PhotoShards`).
 
-    Training shuffles file order per epoch from `seed` (`train.seed`): with `epoch`, this epoch's
-    `epoch_shard_order` (for a dataset built per epoch); without, Ray reseeds its file shuffle
-    from (seed, execution) on every execution, i.e. every epoch of one dataset given to the
-    trainer. Evaluation reads in manifest order.
+    Training: one run of the dataset reads `epochs` epochs (up to `stream.MAX_TASKS` read tasks),
+    each in its own file order drawn from (`seed`, epoch); consume it an epoch at a time with
+    `stream.EpochBatches`. Each further run reads the epochs after those. Evaluation: one pass in
+    manifest order per run.
     """
     import ray.data
 
-    fs, paths = shard_paths(uri, manifest, split, storage)
-    shuffle = None
-    if train and epoch is not None:
-        paths = epoch_shard_order(paths, seed, epoch)
-    elif train:
-        shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    # Read and decode fused into one task per shard, so that every CPU slot reads and decodes.
-    # Ray fuses a read with the map after it only when the read is not split into more blocks
-    # than files (it splits few files to reach DataContext.read_op_min_num_blocks) and the map
-    # asks for no batch size; as two operators, Ray's resource reservation held the decode to
-    # about one task at a time (ingest benchmark: 0.46x the DataLoader, see README).
-    ds = ray.data.read_parquet(
-        paths, filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths)
+    from pipeline.data.stream import PhotoShards, Shard
+
+    root = st.resolve(uri, storage)
+    shards = [Shard(root.join(s.path), s.rows) for s in manifest.split(split).shards]
+    source = PhotoShards(
+        shards,
+        DecodeCrop(manifest.image.channels, crop, train),
+        batch_size=batch_size,
+        seed=seed,
+        epochs=epochs,
+        shuffle=train,
     )
-    # `id` rides along only to name an image that does not decode; DecodeCrop drops it.
-    return ds.select_columns(["image", "label", "id"]).map_batches(
-        InChunks(DecodeCrop(manifest.image.channels, crop, train), batch_size),
-        batch_format="numpy",
-        batch_size=None,  # a whole block (a shard's rows) in, `batch_size`-row blocks out
-    )
+    # One read task per (epoch, shard) and no more: fewer than Ray's wanted minimum of blocks
+    # would otherwise be split further after the read.
+    return ray.data.read_datasource(source, override_num_blocks=source.tasks_per_execution)
+
+
+class EpochBatches:
+    """One epoch's batches at a time from one iterator over a dataset of several epochs:
+    `take(n)` yields the next `n`, and calls `iterate` again (the dataset's next execution)
+    whenever the current iterator runs out."""
+
+    def __init__(self, iterate: Callable[[], Iterable[T]]) -> None:
+        self._iterate = iterate
+        self._it: Iterator[T] | None = None
+
+    def take(self, n: int) -> Iterator[T]:
+        taken = 0
+        while taken < n:
+            fresh = self._it is None
+            if self._it is None:
+                self._it = iter(self._iterate())
+            got = False
+            for batch in self._it:
+                got = True
+                yield batch
+                taken += 1
+                if taken == n:
+                    return
+            self._it = None  # used up: the next execution
+            if fresh and not got:
+                raise ValueError(f"the dataset yields no batch (needed {n - taken} more)")
+
+    def close(self) -> None:
+        """Stop the current execution (its generator's cleanup shuts the executor down)."""
+        it, self._it = self._it, None
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.config import PipelineConfig
+from pipeline.data.ingest import EpochBatches
 from pipeline.data.shards import Manifest
 from pipeline.data.transform import BatchTransform, WorkerCache, iter_split, photo_batches
 from pipeline.models.dynamic_conv import set_temperature, temperature_at
@@ -306,6 +307,8 @@ class _WorkerData:
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.batch = per_worker_batch(cfg)
+        self.batches_per_epoch = batches_per_epoch(cfg, manifest)
+        self._stream: EpochBatches | None = None
         self.val_batch = max(self.batch, 256)
         self.cache = self.val_cache = None
         # uint8 crops go to the GPU through pinned memory (asynchronous copies)
@@ -327,7 +330,19 @@ class _WorkerData:
         shuffle_seed = self.cfg.train.seed * 100_003 + epoch * 101 + self.rank
         if self.cache is not None and self.cache.ready:
             return self.cache.epoch(self.batch, shuffle_seed)
-        batches = self.train_shard.iter_torch_batches(
+        if self.cfg.data.crop is not None:
+            # Photographs: one stream over the run's epochs, an epoch's batches at a time, so
+            # the next epoch's reads are running when this one ends (`pipeline.data.stream`).
+            if self._stream is None:
+                self._stream = EpochBatches(lambda: self._iter_train(shuffle_seed))
+            return self._photos(self._stream.take(self.batches_per_epoch), train=True)
+        batches = self._iter_train(shuffle_seed)
+        if self.cache is not None:
+            return self.cache.fill(batches)
+        return batches
+
+    def _iter_train(self, shuffle_seed: int) -> Iterable[Any]:
+        return self.train_shard.iter_torch_batches(
             batch_size=self.batch,
             drop_last=True,
             local_shuffle_buffer_size=max(4 * self.batch, 1024),
@@ -335,9 +350,6 @@ class _WorkerData:
             device="cpu" if self.cache is not None else self.device,
             pin_memory=self._pin,
         )
-        if self.cache is not None:
-            return self.cache.fill(batches)
-        return self._photos(batches, train=True)
 
     def val_batches(self) -> Iterable[Any]:
         if self.val_cache is not None and self.val_cache.ready:

@@ -141,8 +141,15 @@ def _datasets(cfg: PipelineConfig, dataset: DatasetHandle, cache: bool) -> dict[
     if split.crop is not None:  # photographs: uint8 crops; the worker normalises on its device
         common = {"crop": split.crop, "storage": cfg.storage, "batch_size": per_worker_batch(cfg)}
         return {
+            # every epoch of the run in one stream (`pipeline.data.stream`)
             "train": photo_dataset(
-                dataset.uri, manifest, split.train_split, train=True, seed=cfg.train.seed, **common
+                dataset.uri,
+                manifest,
+                split.train_split,
+                train=True,
+                seed=cfg.train.seed,
+                epochs=cfg.train.epochs,
+                **common,
             ),
             "val": photo_dataset(dataset.uri, manifest, split.val_split, train=False, **common),
         }

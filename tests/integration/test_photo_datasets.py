@@ -309,7 +309,7 @@ def test_s3_overwrite_cleanup_stays_inside_the_prefix(s3_server):
 # Through Ray Data: what a training worker receives
 
 
-def test_photo_dataset_hands_workers_uint8_crops_and_reshuffles_files_each_epoch(
+def test_photo_dataset_hands_workers_uint8_crops_in_one_stream_of_reshuffled_epochs(
     ray_session, tmp_path
 ):
     import ray.data
@@ -335,21 +335,29 @@ def check_photo_dataset(out: str, m) -> None:
     from pipeline.data.transform import iter_split, to_float_normalized
 
     crop = CropConfig(size=32)
-    train = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3)
-    epochs = []
-    for _ in range(3):
-        batches = list(train.iter_batches(batch_size=4, batch_format="numpy"))
+    rows = m.splits["train"].rows
+    train = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3, epochs=3)
+
+    def labels_of_one_run(ds) -> list[int]:
+        batches = list(ds.iter_batches(batch_size=4, batch_format="numpy"))
         images = np.concatenate([b["image"] for b in batches])
-        assert images.dtype == np.uint8 and images.shape == (m.splits["train"].rows, 32, 32, 3)
-        epochs.append(np.concatenate([b["label"] for b in batches]).tolist())
+        assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
+        return np.concatenate([b["label"] for b in batches]).tolist()
+
+    # One run of the dataset reads three epochs, each every image once, in its own file order.
+    first_run = labels_of_one_run(train)
+    assert len(first_run) == 3 * rows
+    epochs = [first_run[i * rows : (i + 1) * rows] for i in range(3)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
     assert len({tuple(e) for e in epochs}) > 1, "file order changes between epochs"
-    # Read and decode run fused in one task per shard (as two operators, Ray held the decode to
-    # about one task at a time: README, ingest benchmark).
-    assert "ReadParquet->MapBatches(InChunks)" in train.stats(), train.stats()
-    again = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3)
-    first = np.concatenate([b["label"] for b in again.iter_batches(batch_format="numpy")])
-    assert first.tolist() == epochs[0], "the same seed gives the same first epoch"
+    # The next run reads the three epochs after those (Ray counts a dataset's runs).
+    second_run = labels_of_one_run(train)
+    assert len(second_run) == 3 * rows and second_run != first_run
+    # Read, decode and crop run in one task per (epoch, shard): no map operator after the read.
+    stats = train.stats()
+    assert "ReadPhotoShards" in stats and "MapBatches" not in stats, stats
+    again = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3, epochs=3)
+    assert labels_of_one_run(again) == first_run, "the same seed gives the same epochs"
     # Validation through Ray is exactly the single-process evaluation path, before normalising.
     val = photo_dataset(out, m, "val", crop=crop, train=False, batch_size=4)
     pixels = np.concatenate([b["image"] for b in val.iter_batches(batch_format="numpy")])

@@ -40,6 +40,7 @@ def test_ray_data_side_of_ingest_imports_no_torch():
     # Ray Data's DatasetManager and SplitCoordinator actors import this module when they
     # unpickle the dataset plan; torch there costs ~3 CPU-seconds each before the first step.
     assert _imports_in_fresh_python("import pipeline.data.ingest") == set()
+    assert _imports_in_fresh_python("import pipeline.data.stream") == set()
 
 
 @pytest.mark.parametrize("augment", [None, AugmentConfig(random_crop_padding=1)])

@@ -183,18 +183,3 @@ def test_crop_config_is_validated():
             load_config(overrides=[bad])
     with pytest.raises(ConfigError, match=r"data\.crop and data\.resize"):
         load_config(overrides=["data.crop.size=64", "data.resize=32"])
-
-
-def test_in_chunks_maps_a_whole_block_in_blocks_of_the_batch_size():
-    from pipeline.data.ingest import InChunks
-
-    seen = []
-
-    def double(batch):
-        seen.append(len(batch["x"]))
-        return {"x": batch["x"] * 2, "y": batch["y"]}
-
-    out = list(InChunks(double, 4)({"x": np.arange(10), "y": np.arange(10) + 100}))
-    assert seen == [4, 4, 2]
-    assert np.concatenate([o["x"] for o in out]).tolist() == [2 * i for i in range(10)]
-    assert np.concatenate([o["y"] for o in out]).tolist() == list(range(100, 110))
