@@ -85,3 +85,18 @@ def token_auth_headers() -> dict[str, str]:
     except ImportError:  # pragma: no cover - a Ray without token auth
         return {}
     return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(True) or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Which run of a dataset is being planned (tests/unit/test_photo_stream.py,
+# tests/integration/test_photo_datasets.py)
+
+
+def execution_index(data_context: Any) -> int:
+    """How many runs of this dataset have finished before the one being planned: a custom
+    datasource's `get_read_tasks(..., data_context)` reads it to plan the next epochs of a
+    stream (`pipeline.data.stream.PhotoShards`). Ray counts a dataset's finished executions in
+    its DataContext (private: `_execution_idx`, raised by `ExecutionIdxUpdateCallback` after an
+    execution succeeds); its own `FileShuffleConfig(reseed_after_execution=True)` reads the same
+    counter. No context, or a Ray without the counter: the first run."""
+    return int(getattr(data_context, "_execution_idx", 0) or 0)

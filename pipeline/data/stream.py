@@ -39,6 +39,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from pipeline import storage as st
 from pipeline.data.ingest import DecodeCrop, epoch_shard_order
 from pipeline.data.shards import read_shard
+from pipeline.ray_compat import execution_index
 
 # At most this many read tasks in one execution. A plan is built on the driver (or in the
 # split coordinator) before the execution starts, and a task is a few KB there.
@@ -116,9 +117,7 @@ class PhotoShards(Datasource):
         per_task_row_limit: int | None = None,
         data_context: Any = None,
     ) -> list[ReadTask]:
-        # Ray counts the executions of a dataset in its context (FileShuffleConfig's reseeding
-        # reads the same counter); a context without it is a first execution.
-        execution = int(getattr(data_context, "_execution_idx", 0) or 0)
+        execution = execution_index(data_context)
         tasks = []
         for epoch in self.epochs_of(execution):
             for shard in self.order(epoch):
