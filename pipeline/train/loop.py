@@ -3,7 +3,8 @@
 Plain PyTorch except for the numbered Ray Train steps, so the distributed parts stand out:
   (1) the worker's rank and device come from the Train context,
   (2) `prepare_model` wraps the model in DDP,
-  (3) each epoch streams this worker's shard of the Ray Dataset,
+  (3) each epoch streams this worker's shard of the Ray Dataset (photographs: the next epoch of
+      one stream over all the run's epochs),
   (4) metrics are all-reduced so every number is global, not this worker's shard,
   (5) `ray.train.report` checkpoints every epoch (a barrier: every worker calls it equally often),
   (6) a restarted worker resumes from `ray.train.get_checkpoint()`.

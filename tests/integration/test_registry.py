@@ -51,7 +51,9 @@ from tests.conftest import mlflow_uris_kept
 pytestmark = pytest.mark.slow
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
-FAST_LOCK = LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=60)
+# A generous wait: the other promotion evaluates its candidate while holding the lock, which took
+# over 60 s once on a loaded 2-core machine (CI).
+FAST_LOCK = LockSettings(settle_s=0.3, poll_s=0.1, timeout_s=240)
 EXPERIMENT = f"registry-tests-{uuid.uuid4().hex[:6]}"  # the session's server is shared
 STEPS = {"weak": 0, "medium": 6}  # strong: the session's trained_model
 
@@ -363,7 +365,7 @@ def _race(env, name: str, v: dict[str, str], *, without_lock: bool) -> dict[str,
         p.start()
     outcomes = {}
     for _ in procs:
-        role, decision, writes = results.get(timeout=240)
+        role, decision, writes = results.get(timeout=480)
         outcomes[role] = {"decision": decision, "writes": writes}
     for p in procs:
         p.join(60)
