@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -42,7 +43,11 @@ def untrained_accuracy(cfg, split: str = "test") -> float:
     return correct / total
 
 
-_HELD: list[socket.socket] = []
+@functools.cache
+def _unlistened_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 def closed_port() -> int:
@@ -50,11 +55,7 @@ def closed_port() -> int:
     traffic anywhere else. The port stays bound (never listening) for the life of the test
     process, so no server started meanwhile (the other test process's Ray, a gRPC server) can
     take it; a port bound and released once was taken that way in CI."""
-    if not _HELD:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        _HELD.append(s)
-    return _HELD[0].getsockname()[1]
+    return _unlistened_socket().getsockname()[1]
 
 
 @dataclass

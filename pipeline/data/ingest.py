@@ -147,7 +147,7 @@ class DecodeCrop:
         return imaging.crop_resize(img, box, self.crop.size, self.channels)
 
 
-def epoch_shard_order(paths: Sequence[str], seed: int, epoch: int) -> list[str]:
+def epoch_shard_order(paths: Sequence[T], seed: int, epoch: int) -> list[T]:
     """The files of a split in the order of epoch `epoch`: a permutation drawn from (train.seed,
     epoch), so every epoch reads its files in a different, reproducible order (the local shuffle
     buffer then mixes rows within what is read)."""
@@ -206,18 +206,16 @@ class EpochBatches:
     def take(self, n: int) -> Iterator[T]:
         taken = 0
         while taken < n:
-            fresh = self._it is None
-            if self._it is None:
+            fresh, before = self._it is None, taken
+            if fresh:
                 self._it = iter(self._iterate())
-            got = False
             for batch in self._it:
-                got = True
                 yield batch
                 taken += 1
                 if taken == n:
                     return
             self._it = None  # used up: the next execution
-            if fresh and not got:
+            if fresh and taken == before:
                 raise ValueError(f"the dataset yields no batch (needed {n - taken} more)")
 
     def close(self) -> None:
