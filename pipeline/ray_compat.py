@@ -100,3 +100,32 @@ def execution_index(data_context: Any) -> int:
     execution succeeds); its own `FileShuffleConfig(reseed_after_execution=True)` reads the same
     counter. No context, or a Ray without the counter: the first run."""
     return int(getattr(data_context, "_execution_idx", 0) or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data's first second at one CPU (tests/unit/test_photo_stream.py)
+
+# How often a Ray Data execution re-reads its resource limits, in seconds (Ray's own: 1).
+DATA_LIMITS_REFRESH_S = 0.25
+
+
+def refresh_data_limits_sooner(interval_s: float = DATA_LIMITS_REFRESH_S) -> bool:
+    """Make Ray Data executions started in this process re-read their CPU limit every
+    `interval_s` instead of every second.
+
+    An execution asks its autoscaling coordinator for its resources without blocking, and uses
+    the answer cached so far: none at the start, so it runs one task until the next refresh,
+    `ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S` (1 s) later. On the ingest benchmark that
+    second of one busy core was most of a run's 1.3 s before its first batch. The executor runs
+    where a dataset is iterated (a driver, a Train worker, a split coordinator), and each of those
+    imports `pipeline.data.stream` to unpickle the dataset, which calls this. Each refresh sends
+    one small actor call. Returns whether this Ray has the setting."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:  # pragma: no cover - a Ray that moved it: keep its own interval
+        return False
+    current = getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", None)
+    if not isinstance(current, int | float):  # pragma: no cover - as above
+        return False
+    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(current, interval_s)
+    return True

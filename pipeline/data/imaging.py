@@ -198,9 +198,13 @@ def center_crop_box(height: int, width: int, crop_ratio: float) -> Box:
     return ((height - side) / 2, (width - side) / 2, side, side)
 
 
-def crop_resize(img: Image.Image, box: Box, size: int, channels: int) -> np.ndarray:
+def crop_resize(
+    img: Image.Image, box: Box, size: int, channels: int, *, flip: bool = False
+) -> np.ndarray:
     """Crop `box` out of an opened (not yet loaded) image and resize it to size x size, decoding
-    a JPEG at the smallest DCT scale that still gives the box at least `size` pixels a side."""
+    a JPEG at the smallest DCT scale that still gives the box at least `size` pixels a side;
+    `flip` mirrors the result left to right (in Pillow: a NumPy `[:, ::-1]` copy is a strided
+    byte-by-byte copy, ~7% of a crop's time)."""
     top, left, h, w = box
     full_w, full_h = img.size
     img.draft(mode_for(channels), (math.ceil(full_w * size / w), math.ceil(full_h * size / h)))
@@ -209,6 +213,8 @@ def crop_resize(img: Image.Image, box: Box, size: int, channels: int) -> np.ndar
     out = img.resize(
         (size, size), RESAMPLE, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)
     )
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out).reshape(size, size, channels)
 
 

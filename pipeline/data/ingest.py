@@ -15,6 +15,7 @@ mixes on its device.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -114,28 +115,27 @@ class DecodeCrop:
     train: bool
     seed: int | None = None
     _rng: Any = field(default=None, init=False, repr=False, compare=False)
+    _flips: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._rng is None:
-            self._rng = np.random.default_rng(self.seed)
+        if self._rng is None:  # boxes and flips from separate streams: a seed gives the same
+            self._rng, self._flips = np.random.default_rng(self.seed).spawn(2)  # boxes either way
         blobs, ids = batch["image"], batch.get("id")
         size, c = self.crop.size, self.channels
+        flips = self.train and self.crop.hflip
         out = np.empty((len(blobs), size, size, c), dtype=np.uint8)
         for i, blob in enumerate(blobs):
             try:
-                out[i] = self.crop_one(bytes(blob))
+                out[i] = self.crop_one(bytes(blob), flip=flips and self._flips.random() < 0.5)
             except imaging.ImageDecodeError as exc:
                 which = f"image {str(ids[i])!r}" if ids is not None else "an image"
                 raise DatasetError(
                     f"{which} in the dataset does not decode ({exc}); run `pipeline data "
                     "validate` on the dataset to find its shard"
                 ) from None
-        if self.train and self.crop.hflip:
-            flip = self._rng.random(len(out)) < 0.5
-            out[flip] = out[flip, :, ::-1]
         return {"image": out, "label": np.asarray(batch["label"], dtype=np.int64)}
 
-    def crop_one(self, blob: bytes) -> np.ndarray:
+    def crop_one(self, blob: bytes, *, flip: bool = False) -> np.ndarray:
         img = imaging.open_image(blob)
         if not self.train:
             return imaging.evaluation_crop(
@@ -144,7 +144,7 @@ class DecodeCrop:
         box = imaging.random_resized_crop_box(
             img.height, img.width, self.crop.scale, self.crop.ratio, self._rng
         )
-        return imaging.crop_resize(img, box, self.crop.size, self.channels)
+        return imaging.crop_resize(img, box, self.crop.size, self.channels, flip=flip)
 
 
 def epoch_shard_order(paths: Sequence[T], seed: int, epoch: int) -> list[T]:
@@ -168,7 +168,8 @@ def photo_dataset(
     epochs: int = 1,
 ):
     """A lazy Ray Dataset of one split as fixed-size uint8 NHWC batches (see `DecodeCrop`),
-    read, decoded and cropped in one task per shard (`pipeline.data.stream.PhotoShards`).
+    read, decoded and cropped by one read task per cluster CPU and epoch
+    (`pipeline.data.stream.PhotoShards`), each handing on a block per batch.
 
     Training: one run of the dataset reads `epochs` epochs (up to `stream.MAX_TASKS` read tasks),
     each in its own file order drawn from (`seed`, epoch); consume it an epoch at a time with
@@ -188,10 +189,26 @@ def photo_dataset(
         seed=seed,
         epochs=epochs,
         shuffle=train,
+        tasks_per_epoch=_cluster_cpus(),
     )
-    # One read task per (epoch, shard) and no more: fewer than Ray's wanted minimum of blocks
-    # would otherwise be split further after the read.
-    return ray.data.read_datasource(source, override_num_blocks=source.tasks_per_execution)
+    # One block per planned task and no more: fewer than Ray's wanted minimum of blocks would
+    # otherwise be split further after the read.
+    ds = ray.data.read_datasource(source, override_num_blocks=source.tasks_per_execution)
+    # Ray Data merges a task's blocks up to `target_max_block_size` (128 MiB) before handing any
+    # on: a long task's first batch would wait for ~14 more. Just under one batch sends each
+    # batch on as it is cropped, and is below the 1.5x at which Ray would slice a block.
+    ds.context.target_max_block_size = max(1, source.batch_bytes * 4 // 5)
+    return ds
+
+
+def _cluster_cpus() -> int:
+    """The CPUs of the Ray cluster this process is joined to, or of this machine (where
+    `ray.data` will start a local Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return len(os.sched_getaffinity(0))
 
 
 class EpochBatches:

@@ -7,13 +7,17 @@ persist; on 2,000 images that was 40% of an epoch (README, "Performance"). Here 
 reads several epochs, each in its own file order, and the consumer takes one epoch's batches at a
 time from one iterator. The next epoch's reads therefore run while the current epoch trains.
 
-`PhotoShards` is a Ray Data datasource. It reads a split's shards and decodes and crops them in
-the read task (`DecodeCrop`), yielding `batch_size`-row uint8 blocks. It plans one read task per
-(epoch, shard) from the manifest alone: no Parquet footers are fetched and no files are listed or
-sampled, so a plan costs nothing per file on S3. Execution `i` of the dataset reads epochs
-`[i * k, (i + 1) * k)`, each in `epoch_shard_order(seed, epoch)`; `k` is every epoch of the run
-if that is at most `MAX_TASKS` read tasks. With ImageNet's ~16,000 8 MB shards, `k` is 1, and one
-start per epoch costs about 3% of an epoch per GPU.
+`PhotoShards` is a Ray Data datasource. A read task reads its shards in turn and decodes and
+crops them (`DecodeCrop`), yielding `batch_size`-row uint8 blocks (a batch may span two shards).
+It plans `tasks_per_epoch` read tasks per epoch from the manifest alone: no Parquet footers are
+fetched and no files are listed or sampled, so a plan costs nothing per file on S3. Epoch `e`'s
+file order is `epoch_shard_order(seed, e)`; task `i` of `g` reads shards `i, i + g, ...` of it,
+and the `g` tasks run side by side, so rows arrive in roughly that order. `photo_dataset` sets
+`g` to the cluster's CPUs: one long task per core and epoch, instead of one short task per shard.
+Each task costs a worker lease, ~0.14 s on a busy 2-core machine in which the core idles; with
+one task per 8 MB shard that was 15% of the ingest benchmark's time (README, "Performance").
+Execution `i` of the dataset reads epochs `[i * k, (i + 1) * k)`; `k` is every epoch of the run
+if that is at most `MAX_TASKS` read tasks.
 
 `pipeline.data.ingest.EpochBatches` is the consumer's side. `take(n)` hands out the next `n`
 batches of the one iterator, and starts the next execution when the current one runs out. An
@@ -36,14 +40,17 @@ import numpy as np
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
+from pipeline import ray_compat
 from pipeline import storage as st
 from pipeline.data.ingest import DecodeCrop, epoch_shard_order
 from pipeline.data.shards import read_shard
-from pipeline.ray_compat import execution_index
 
 # At most this many read tasks in one execution. A plan is built on the driver (or in the
 # split coordinator) before the execution starts, and a task is a few KB there.
 MAX_TASKS = 4096
+
+# Every process that runs a photo stream imports this module (it unpickles the datasource).
+ray_compat.refresh_data_limits_sooner()
 
 
 @dataclass(frozen=True)
@@ -52,24 +59,37 @@ class Shard:
     rows: int
 
 
-def read_crops(shard: Shard, decode: DecodeCrop, rows: int) -> Iterator[Any]:
-    """One read task: the shard's images decoded and cropped, `rows` at a time, one block each.
-    A shard that is missing or not Parquet is named (`read_shard`), as is an image that does not
-    decode (`DecodeCrop`)."""
-    table = read_shard(shard.loc).select(["image", "label", "id"]).combine_chunks()
-    for start in range(0, table.num_rows, rows):
-        part = table.slice(start, rows)
-        batch = {
-            "image": part.column("image").to_pylist(),
-            "label": part.column("label").to_numpy(),
-            "id": np.asarray(part.column("id").to_pylist(), dtype=object),
-        }
-        yield BlockAccessor.batch_to_block(decode(batch))
+def read_crops(shards: Sequence[Shard], decode: DecodeCrop, rows: int) -> Iterator[Any]:
+    """One read task: its shards' images in turn, decoded and cropped `rows` at a time, one block
+    each; only the last block may be shorter. A shard that is missing or not Parquet is named
+    (`read_shard`), as is an image that does not decode (`DecodeCrop`)."""
+    images: list[bytes] = []
+    labels = np.empty(0, dtype=np.int64)
+    ids: list[str] = []
+    for shard in shards:
+        table = read_shard(shard.loc)
+        images += table.column("image").to_pylist()
+        labels = np.concatenate([labels, table.column("label").to_numpy()])
+        ids += table.column("id").to_pylist()
+        start = 0
+        while len(images) - start >= rows:
+            end = start + rows
+            yield _crops(decode, images[start:end], labels[start:end], ids[start:end])
+            start = end
+        images, labels, ids = images[start:], labels[start:], ids[start:]
+    if images:
+        yield _crops(decode, images, labels, ids)
+
+
+def _crops(decode: DecodeCrop, images: list[bytes], labels: np.ndarray, ids: list[str]) -> Any:
+    batch = {"image": images, "label": labels, "id": np.asarray(ids, dtype=object)}
+    return BlockAccessor.batch_to_block(decode(batch))
 
 
 class PhotoShards(Datasource):
-    """A split's shards as uint8 crops, `epochs` epochs per run of the dataset (see the module
-    docstring). `shuffle=False` (evaluation): one epoch per execution, in manifest order."""
+    """A split's shards as uint8 crops, `epochs` epochs per run of the dataset, `tasks_per_epoch`
+    read tasks each (default: one per shard; see the module docstring). `shuffle=False`
+    (evaluation): one epoch per execution, in manifest order."""
 
     def __init__(
         self,
@@ -80,6 +100,7 @@ class PhotoShards(Datasource):
         seed: int = 0,
         epochs: int = 1,
         shuffle: bool = True,
+        tasks_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         if not shards:
@@ -89,14 +110,20 @@ class PhotoShards(Datasource):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        fit = max(1, MAX_TASKS // len(self.shards))
+        self.tasks_per_epoch = min(max(1, tasks_per_epoch or len(self.shards)), len(self.shards))
+        fit = max(1, MAX_TASKS // self.tasks_per_epoch)
         self.epochs_per_execution = min(max(1, epochs), fit) if shuffle else 1
         size = decode.crop.size
         self._row_bytes = size * size * decode.channels + 8  # uint8 crop + int64 label
 
     @property
     def tasks_per_execution(self) -> int:
-        return self.epochs_per_execution * len(self.shards)
+        return self.epochs_per_execution * self.tasks_per_epoch
+
+    @property
+    def batch_bytes(self) -> int:
+        """The size of one full block of crops."""
+        return self.batch_size * self._row_bytes
 
     def epochs_of(self, execution: int) -> range:
         k = self.epochs_per_execution
@@ -106,6 +133,12 @@ class PhotoShards(Datasource):
         if not self.shuffle:
             return self.shards
         return epoch_shard_order(self.shards, self.seed, epoch)
+
+    def tasks_of(self, epoch: int) -> list[list[Shard]]:
+        """The shards of each read task of `epoch`: task `i` of `g` reads every `g`-th shard of
+        the epoch's order from the `i`-th on."""
+        order, g = self.order(epoch), self.tasks_per_epoch
+        return [order[i::g] for i in range(g)]
 
     def estimate_inmemory_data_size(self) -> int:
         rows = sum(s.rows for s in self.shards)
@@ -117,17 +150,18 @@ class PhotoShards(Datasource):
         per_task_row_limit: int | None = None,
         data_context: Any = None,
     ) -> list[ReadTask]:
-        execution = execution_index(data_context)
+        execution = ray_compat.execution_index(data_context)
         tasks = []
         for epoch in self.epochs_of(execution):
-            for shard in self.order(epoch):
+            for shards in self.tasks_of(epoch):
+                rows = sum(s.rows for s in shards)
                 meta = BlockMetadata(
-                    num_rows=shard.rows,
-                    size_bytes=shard.rows * self._row_bytes,
-                    input_files=[shard.loc.uri],
+                    num_rows=rows,
+                    size_bytes=rows * self._row_bytes,
+                    input_files=[s.loc.uri for s in shards],
                     exec_stats=None,
                 )
-                read = functools.partial(read_crops, shard, self.decode, self.batch_size)
+                read = functools.partial(read_crops, shards, self.decode, self.batch_size)
                 tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 

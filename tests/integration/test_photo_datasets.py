@@ -328,6 +328,7 @@ def test_photo_dataset_hands_workers_uint8_crops_in_one_stream_of_reshuffled_epo
 
 
 def check_photo_dataset(out: str, m) -> None:
+    import ray
     import torch
 
     from pipeline.config import CropConfig
@@ -358,6 +359,12 @@ def check_photo_dataset(out: str, m) -> None:
     assert "ReadPhotoShards" in stats and "MapBatches" not in stats, stats
     again = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3, epochs=3)
     assert labels_of_one_run(again) == first_run, "the same seed gives the same epochs"
+    # A read task hands on a block per batch as it crops it (Ray Data would merge them up to
+    # 128 MiB), its batches spanning shards: only a task's last block may be short.
+    one = photo_dataset(out, m, "train", crop=crop, train=True, batch_size=4, seed=3)
+    sizes = [len(b["label"]) for b in one.iter_batches(batch_size=None, batch_format="numpy")]
+    tasks = min(int(ray.cluster_resources()["CPU"]), len(m.splits["train"].shards))  # per CPU
+    assert sum(sizes) == rows and max(sizes) == 4 and sum(n < 4 for n in sizes) <= tasks
     # Validation through Ray is exactly the single-process evaluation path, before normalising.
     val = photo_dataset(out, m, "val", crop=crop, train=False, batch_size=4)
     pixels = np.concatenate([b["image"] for b in val.iter_batches(batch_format="numpy")])

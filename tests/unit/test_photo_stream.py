@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage as st
@@ -28,9 +29,10 @@ def shards(n: int) -> list[stream.Shard]:
 
 
 def planned(source: stream.PhotoShards, execution: int) -> list[str]:
+    """The shards of execution `execution`'s tasks, in plan order (one per task by default)."""
     context = SimpleNamespace(_execution_idx=execution)
     tasks = source.get_read_tasks(source.tasks_per_execution, data_context=context)
-    return [t.metadata.input_files[0] for t in tasks]
+    return [uri for t in tasks for uri in t.metadata.input_files]
 
 
 def test_one_execution_plans_every_epoch_each_in_its_own_order_and_the_next_the_epochs_after():
@@ -66,6 +68,28 @@ def test_a_large_dataset_plans_fewer_epochs_per_execution(monkeypatch):
     assert one.epochs_per_execution == 1 and len(planned(one, 5)) == 6
 
 
+def test_an_epoch_is_read_by_one_task_per_core_each_taking_every_gth_shard_of_its_order():
+    files = shards(7)
+    uris = [s.loc.uri for s in files]
+    source = stream.PhotoShards(
+        files, DecodeCrop(3, CROP, True), batch_size=4, seed=2, epochs=3, tasks_per_epoch=3
+    )
+    assert source.epochs_per_execution == 3 and source.tasks_per_execution == 9
+    tasks = source.get_read_tasks(9, data_context=SimpleNamespace(_execution_idx=1))
+    assert len(tasks) == 9
+    by_uri = {s.loc.uri: s.rows for s in files}
+    for e in range(3):
+        order = epoch_shard_order(uris, 2, 3 + e)
+        epoch = tasks[3 * e : 3 * e + 3]
+        assert [list(t.metadata.input_files) for t in epoch] == [order[i::3] for i in range(3)]
+        for t in epoch:
+            assert t.metadata.num_rows == sum(by_uri[u] for u in t.metadata.input_files)
+    # More tasks than shards: one per shard. The cap on tasks counts tasks, not shards.
+    many = stream.PhotoShards(files, DecodeCrop(3, CROP, True), batch_size=4, tasks_per_epoch=64)
+    assert many.tasks_per_epoch == 7
+    assert source.batch_bytes == 4 * (16 * 16 * 3 + 8)
+
+
 def test_evaluation_reads_one_pass_in_manifest_order_every_time():
     files = shards(5)
     source = stream.PhotoShards(
@@ -80,29 +104,35 @@ def test_no_shards_is_refused():
         stream.PhotoShards([], DecodeCrop(3, CROP, True), batch_size=4)
 
 
-def test_a_read_task_decodes_and_crops_its_shard_in_blocks_of_the_batch_size(tmp_path):
+def test_a_read_task_decodes_and_crops_its_shards_in_full_batches_across_shard_ends(tmp_path):
     from ray.data.block import BlockAccessor
 
     make_photo_tree(tmp_path / "src", per_class=4)
     out = tmp_path / "ds"
     m = import_image_folder(
         tmp_path / "src",
-        WriteOptions(out=str(out), encoding="jpeg"),
+        WriteOptions(out=str(out), encoding="jpeg", shard_rows=3),
         val_fraction=0,
         test_fraction=0,
         images=ImportOptions(workers=1),
     )
-    info = m.split("train").shards[0]
-    shard = stream.Shard(st.resolve(str(out)).join(info.path), info.rows)
-    blocks = list(stream.read_crops(shard, DecodeCrop(3, CROP, True), 3))
-    sizes = [BlockAccessor.for_block(b).num_rows() for b in blocks]
-    assert sum(sizes) == info.rows and all(n == 3 for n in sizes[:-1])
-    batch = BlockAccessor.for_block(blocks[0]).to_numpy()
-    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (3, 16, 16, 3)
-    assert set(batch) == {"image", "label"}
-    missing = stream.Shard(st.resolve(str(out / "train" / "gone.parquet")), 1)
+    root = st.resolve(str(out))
+    task = [stream.Shard(root.join(s.path), s.rows) for s in m.split("train").shards]
+    rows = sum(s.rows for s in task)
+    assert len(task) >= 3 and rows % 5
+    crops = stream.read_crops(task, DecodeCrop(3, CROP, True), 5)
+    blocks = [BlockAccessor.for_block(b) for b in crops]
+    sizes = [b.num_rows() for b in blocks]
+    assert sizes == [5] * (rows // 5) + [rows % 5]  # batches span shards; only the last is short
+    batches = [b.to_numpy() for b in blocks]
+    assert batches[0]["image"].dtype == np.uint8 and batches[0]["image"].shape == (5, 16, 16, 3)
+    assert set(batches[0]) == {"image", "label"}
+    # Every row once, labels in the shards' order.
+    want = [label for s in task for label in pq.read_table(s.loc.path)["label"].to_pylist()]
+    assert np.concatenate([b["label"] for b in batches]).tolist() == want
+    missing = stream.Shard(root.join("train/gone.parquet"), 1)
     with pytest.raises(DatasetError, match=r"gone\.parquet: shard is missing"):
-        list(stream.read_crops(missing, DecodeCrop(3, CROP, True), 3))
+        list(stream.read_crops([task[0], missing], DecodeCrop(3, CROP, True), 3))
 
 
 def test_epoch_batches_hands_out_epochs_from_one_iterator_and_starts_the_next_run_when_done():
@@ -129,3 +159,30 @@ def test_epoch_batches_of_an_empty_dataset_fail_instead_of_spinning():
     batches = EpochBatches(lambda: iter(()))
     with pytest.raises(ValueError, match="no batch"):
         list(batches.take(2))
+
+
+def test_a_process_that_unpickles_a_photo_stream_rereads_ray_data_limits_within_a_quarter_second(
+    tmp_path,
+):
+    # A Ray Data execution runs on one CPU until it first re-reads its limits (Ray: every 1 s).
+    # The processes that run the stream's executions unpickle its datasource, which imports
+    # `pipeline.data.stream`; that shortens the interval there.
+    import subprocess
+    import sys
+
+    import ray.cloudpickle as cloudpickle
+
+    source = stream.PhotoShards(shards(2), DecodeCrop(3, CROP, True), batch_size=4)
+    blob = tmp_path / "source.pkl"
+    blob.write_bytes(cloudpickle.dumps(source))
+    interval = "from ray.data._internal.execution.resource_manager import ResourceManager as R\n"
+    probe = (
+        f"{interval}print(R.GLOBAL_LIMITS_UPDATE_INTERVAL_S)\n"
+        f"import ray.cloudpickle as c; c.loads(open({str(blob)!r}, 'rb').read())\n"
+        "print(R.GLOBAL_LIMITS_UPDATE_INTERVAL_S)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    before, after = map(float, out.stdout.split())
+    assert before == 1 and after == stream.ray_compat.DATA_LIMITS_REFRESH_S == 0.25
