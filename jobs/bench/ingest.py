@@ -18,9 +18,10 @@ rounds. Ray's stream is closed at the end of its epochs, so it reads nothing ahe
 loader is timed.
 
 Import: `import_image_folder` of the same folder with every core against `workers=1`,
-alternating, medians.
+alternating, `--import-rounds` times each (an import takes a few seconds, so a neighbour's burst
+moves one run by 20%), medians.
 
-    .venv/bin/python jobs/bench/ingest.py [--images 2000] [--rounds 3] [--epochs 5] [--out F]
+    .venv/bin/python jobs/bench/ingest.py [--images 2000] [--rounds 5] [--epochs 5] [--out F]
 
 Prints the rates, the ratios (ii)/(iii) (target >= 0.9), (ii)/(i) (target >= 1.3), import
 (target >= 1.6), and how many cores one GPU needs at 3,000 images/s; writes JSON.
@@ -174,9 +175,12 @@ def timed_epoch(batches: Iterable) -> Epoch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5, help="consecutive epochs per loader")
     parser.add_argument("--shard-mb", type=float, default=8.0)
+    parser.add_argument(
+        "--import-rounds", type=int, default=7, help="imports of each kind (a few s each)"
+    )
     parser.add_argument("--out", default=str(REPO / "jobs" / "bench" / "results" / "ingest.json"))
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
@@ -208,7 +212,7 @@ def main() -> None:
 
     imports: dict[str, list[float]] = {"parallel": [], "single": []}
     import_cpu: dict[int, list[float]] = {cores: [], 1: []}
-    for r in range(args.rounds):
+    for r in range(args.import_rounds):
         for kind in ("parallel", "single") if r % 2 == 0 else ("single", "parallel"):
             workers = cores if kind == "parallel" else 1
             imports[kind].append(run_import(workers))
@@ -302,6 +306,7 @@ def main() -> None:
         "images": len(files),
         "megabytes": round(mb, 1),
         "rounds": args.rounds,
+        "import_rounds": args.import_rounds,
         "epochs_per_round": args.epochs,
         "rates": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "median_img_per_s": {k: round(v, 1) for k, v in med.items()},

@@ -14,8 +14,11 @@ fetched and no files are listed or sampled, so a plan costs nothing per file on 
 file order is `epoch_shard_order(seed, e)`; task `i` of `g` reads shards `i, i + g, ...` of it,
 and the `g` tasks run side by side, so rows arrive in roughly that order. `photo_dataset` sets
 `g` to the cluster's CPUs: one long task per core and epoch, instead of one short task per shard.
-Each task costs a worker lease, ~0.14 s on a busy 2-core machine in which the core idles; with
-one task per 8 MB shard that was 15% of the ingest benchmark's time (README, "Performance").
+Each task boundary leaves a core idle ~0.15 s (Ray Data notices a finished task on its next
+0.1 s poll, then leases a worker for the next): with one task per 8 MB shard (~0.5 s of
+decoding) the ingest benchmark's tasks kept 1.6 of 2 cores busy, with one per core and epoch
+1.8-1.9 (README, "Performance"). Each task hands on a block per batch as it crops it
+(`photo_dataset` lowers the dataset's `target_max_block_size` to just under a batch).
 Execution `i` of the dataset reads epochs `[i * k, (i + 1) * k)`; `k` is every epoch of the run
 if that is at most `MAX_TASKS` read tasks.
 
