@@ -189,7 +189,6 @@ def photo_dataset(
         seed=seed,
         epochs=epochs,
         shuffle=train,
-        tasks_per_epoch=_cluster_cpus(),
     )
     # One block per planned task and no more: fewer than Ray's wanted minimum of blocks would
     # otherwise be split further after the read.
@@ -201,7 +200,7 @@ def photo_dataset(
     return ds
 
 
-def _cluster_cpus() -> int:
+def cluster_cpus() -> int:
     """The CPUs of the Ray cluster this process is joined to, or of this machine (where
     `ray.data` will start a local Ray)."""
     import ray

@@ -12,15 +12,16 @@ crops them (`DecodeCrop`), yielding `batch_size`-row uint8 blocks (a batch may s
 It plans `tasks_per_epoch` read tasks per epoch from the manifest alone: no Parquet footers are
 fetched and no files are listed or sampled, so a plan costs nothing per file on S3. Epoch `e`'s
 file order is `epoch_shard_order(seed, e)`; task `i` of `g` reads shards `i, i + g, ...` of it,
-and the `g` tasks run side by side, so rows arrive in roughly that order. `photo_dataset` sets
-`g` to the cluster's CPUs: one long task per core and epoch, instead of one short task per shard.
+and the `g` tasks run side by side, so rows arrive in roughly that order. By default `g` is the
+cluster's CPUs when an execution is planned, which is where and when it starts (the training
+workers' nodes have joined by then): one long task per core and epoch, not one per shard.
 Each task boundary leaves a core idle ~0.15 s (Ray Data notices a finished task on its next
 0.1 s poll, then leases a worker for the next): with one task per 8 MB shard (~0.5 s of
 decoding) the ingest benchmark's tasks kept 1.6 of 2 cores busy, with one per core and epoch
 1.8-1.9 (README, "Performance"). Each task hands on a block per batch as it crops it
 (`photo_dataset` lowers the dataset's `target_max_block_size` to just under a batch).
 Execution `i` of the dataset reads epochs `[i * k, (i + 1) * k)`; `k` is every epoch of the run
-if that is at most `MAX_TASKS` read tasks.
+if that many epochs of shards number at most `MAX_TASKS`.
 
 `pipeline.data.ingest.EpochBatches` is the consumer's side. `take(n)` hands out the next `n`
 batches of the one iterator, and starts the next execution when the current one runs out. An
@@ -45,7 +46,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 
 from pipeline import ray_compat
 from pipeline import storage as st
-from pipeline.data.ingest import DecodeCrop, epoch_shard_order
+from pipeline.data.ingest import DecodeCrop, cluster_cpus, epoch_shard_order
 from pipeline.data.shards import read_shard
 
 # At most this many read tasks in one execution. A plan is built on the driver (or in the
@@ -91,8 +92,8 @@ def _crops(decode: DecodeCrop, images: list[bytes], labels: np.ndarray, ids: lis
 
 class PhotoShards(Datasource):
     """A split's shards as uint8 crops, `epochs` epochs per run of the dataset, `tasks_per_epoch`
-    read tasks each (default: one per shard; see the module docstring). `shuffle=False`
-    (evaluation): one epoch per execution, in manifest order."""
+    read tasks each (default: the cluster's CPUs when a run is planned; see the module
+    docstring). `shuffle=False` (evaluation): one epoch per execution, in manifest order."""
 
     def __init__(
         self,
@@ -113,11 +114,21 @@ class PhotoShards(Datasource):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.tasks_per_epoch = min(max(1, tasks_per_epoch or len(self.shards)), len(self.shards))
-        fit = max(1, MAX_TASKS // self.tasks_per_epoch)
+        self._tasks_per_epoch = tasks_per_epoch
+        # From the shards, not the tasks: every execution must plan the same number of epochs,
+        # and the number of tasks follows the cluster, which may grow between executions.
+        fit = max(1, MAX_TASKS // len(self.shards))
         self.epochs_per_execution = min(max(1, epochs), fit) if shuffle else 1
         size = decode.crop.size
         self._row_bytes = size * size * decode.channels + 8  # uint8 crop + int64 label
+
+    @property
+    def tasks_per_epoch(self) -> int:
+        """As given, or the cluster's CPUs now: an execution is planned where and when it starts
+        (in a Train worker or split coordinator, once the training workers' nodes have joined;
+        an autoscaling cluster's GPU nodes may not exist when the dataset is created)."""
+        wanted = self._tasks_per_epoch or cluster_cpus()
+        return min(max(1, wanted), len(self.shards))
 
     @property
     def tasks_per_execution(self) -> int:
@@ -137,10 +148,10 @@ class PhotoShards(Datasource):
             return self.shards
         return epoch_shard_order(self.shards, self.seed, epoch)
 
-    def tasks_of(self, epoch: int) -> list[list[Shard]]:
-        """The shards of each read task of `epoch`: task `i` of `g` reads every `g`-th shard of
+    def tasks_of(self, epoch: int, g: int) -> list[list[Shard]]:
+        """The shards of each of `g` read tasks of `epoch`: task `i` reads every `g`-th shard of
         the epoch's order from the `i`-th on."""
-        order, g = self.order(epoch), self.tasks_per_epoch
+        order = self.order(epoch)
         return [order[i::g] for i in range(g)]
 
     def estimate_inmemory_data_size(self) -> int:
@@ -154,9 +165,10 @@ class PhotoShards(Datasource):
         data_context: Any = None,
     ) -> list[ReadTask]:
         execution = ray_compat.execution_index(data_context)
+        g = self.tasks_per_epoch
         tasks = []
         for epoch in self.epochs_of(execution):
-            for shards in self.tasks_of(epoch):
+            for shards in self.tasks_of(epoch, g):
                 rows = sum(s.rows for s in shards)
                 meta = BlockMetadata(
                     num_rows=rows,

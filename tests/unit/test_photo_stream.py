@@ -38,7 +38,9 @@ def planned(source: stream.PhotoShards, execution: int) -> list[str]:
 def test_one_execution_plans_every_epoch_each_in_its_own_order_and_the_next_the_epochs_after():
     files = shards(6)
     uris = [s.loc.uri for s in files]
-    source = stream.PhotoShards(files, DecodeCrop(3, CROP, True), batch_size=4, seed=7, epochs=4)
+    source = stream.PhotoShards(
+        files, DecodeCrop(3, CROP, True), batch_size=4, seed=7, epochs=4, tasks_per_epoch=6
+    )
     assert source.epochs_per_execution == 4 and source.tasks_per_execution == 24
     first, second = planned(source, 0), planned(source, 1)
     for execution, plan in ((0, first), (1, second)):
@@ -59,13 +61,15 @@ def test_one_execution_plans_every_epoch_each_in_its_own_order_and_the_next_the_
 def test_a_large_dataset_plans_fewer_epochs_per_execution(monkeypatch):
     monkeypatch.setattr(stream, "MAX_TASKS", 13)
     files = shards(6)
-    source = stream.PhotoShards(files, DecodeCrop(3, CROP, True), batch_size=4, seed=1, epochs=9)
+    source = stream.PhotoShards(
+        files, DecodeCrop(3, CROP, True), batch_size=4, seed=1, epochs=9, tasks_per_epoch=6
+    )
     assert source.epochs_per_execution == 2
     uris = [s.loc.uri for s in files]
     assert planned(source, 3) == epoch_shard_order(uris, 1, 6) + epoch_shard_order(uris, 1, 7)
     monkeypatch.setattr(stream, "MAX_TASKS", 4)  # fewer than the shards: still one epoch
     one = stream.PhotoShards(files, DecodeCrop(3, CROP, True), batch_size=4, epochs=9)
-    assert one.epochs_per_execution == 1 and len(planned(one, 5)) == 6
+    assert one.epochs_per_execution == 1 and sorted(planned(one, 5)) == sorted(uris)
 
 
 def test_an_epoch_is_read_by_one_task_per_core_each_taking_every_gth_shard_of_its_order():
@@ -84,16 +88,35 @@ def test_an_epoch_is_read_by_one_task_per_core_each_taking_every_gth_shard_of_it
         assert [list(t.metadata.input_files) for t in epoch] == [order[i::3] for i in range(3)]
         for t in epoch:
             assert t.metadata.num_rows == sum(by_uri[u] for u in t.metadata.input_files)
-    # More tasks than shards: one per shard. The cap on tasks counts tasks, not shards.
+    # More tasks than shards: one per shard.
     many = stream.PhotoShards(files, DecodeCrop(3, CROP, True), batch_size=4, tasks_per_epoch=64)
     assert many.tasks_per_epoch == 7
+
+
+def test_by_default_each_execution_plans_a_task_per_cpu_of_the_cluster_as_it_is_then(monkeypatch):
+    # An autoscaling cluster's GPU nodes join after the dataset is made: the tasks of an
+    # execution follow the CPUs when it is planned, and the epochs it plans do not move.
+    files = shards(12)
+    uris = [s.loc.uri for s in files]
+    cpus = [2]
+    monkeypatch.setattr(stream, "cluster_cpus", lambda: cpus[0])
+    source = stream.PhotoShards(files, DecodeCrop(3, CROP, True), batch_size=4, seed=3, epochs=6)
+    context = SimpleNamespace(_execution_idx=0)
+    first = source.get_read_tasks(1, data_context=context)
+    assert len(first) == 6 * 2 and source.epochs_per_execution == 6
+    cpus[0] = 5
+    context._execution_idx = 1
+    second = source.get_read_tasks(1, data_context=context)
+    assert len(second) == 6 * 5
+    epoch = [list(t.metadata.input_files) for t in second[:5]]
+    assert epoch == [epoch_shard_order(uris, 3, 6)[i::5] for i in range(5)]  # epoch 6 of 12
     assert source.batch_bytes == 4 * (16 * 16 * 3 + 8)
 
 
 def test_evaluation_reads_one_pass_in_manifest_order_every_time():
     files = shards(5)
     source = stream.PhotoShards(
-        files, DecodeCrop(3, CROP, False), batch_size=4, epochs=9, shuffle=False
+        files, DecodeCrop(3, CROP, False), batch_size=4, epochs=9, shuffle=False, tasks_per_epoch=5
     )
     uris = [s.loc.uri for s in files]
     assert planned(source, 0) == planned(source, 3) == uris
