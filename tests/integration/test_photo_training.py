@@ -153,9 +153,12 @@ def test_photos_import_train_evaluate_pull_and_serve_a_jpeg_as_training_saw_it(
         # A JPEG file is preprocessed exactly as the evaluation split saw the stored image.
         x = pulled.preprocess(jpeg.read_bytes())
         np.testing.assert_array_equal(x, training_view(stored["china/p00.jpg"], norm))
-        np.testing.assert_allclose(
-            pulled.logits(jpeg.read_bytes()), original.logits(jpeg.read_bytes()), atol=1e-3
-        )
+        # float32 reordering errors grow with the logits (a 2-epoch run here reached 1e4, where
+        # one float32 step is 1e-3): the export's own check scales the same way.
+        want = original.logits(jpeg.read_bytes())
+        scale = max(1.0, float(np.abs(want).max()))
+        got = pulled.logits(jpeg.read_bytes())
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
         (prediction,) = pulled.predict([jpeg.read_bytes()])
         assert prediction.label in ("china", "flower")
 
