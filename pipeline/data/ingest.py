@@ -200,6 +200,13 @@ def photo_dataset(
     return ds
 
 
+def local_cores() -> int:
+    """The cores this process may use (containers, taskset), or the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cluster_cpus() -> int:
     """The CPUs of the Ray cluster this process is joined to, or of this machine (where
     `ray.data` will start a local Ray)."""
@@ -207,7 +214,7 @@ def cluster_cpus() -> int:
 
     if ray.is_initialized():
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return len(os.sched_getaffinity(0))
+    return local_cores()
 
 
 class EpochBatches:

@@ -10,7 +10,6 @@ file aborts it (or, with `skip_bad`, is left out and counted in the manifest's `
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -20,6 +19,7 @@ from multiprocessing import get_all_start_methods, get_context
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.data import imaging
+from pipeline.data.ingest import local_cores
 from pipeline.data.shards import DatasetWriter, ImageSpec, ImportSummary, Manifest
 from pipeline.errors import DatasetError
 
@@ -45,11 +45,7 @@ class ImportOptions:
             raise DatasetError(f"quality must be in 1..100, got {self.quality}")
 
     def pool_size(self) -> int:
-        if self.workers:
-            return self.workers
-        if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
-            return len(os.sched_getaffinity(0))
-        return os.cpu_count() or 1
+        return self.workers or local_cores()
 
 
 @dataclass(frozen=True)

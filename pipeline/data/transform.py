@@ -19,7 +19,6 @@ crops (`pipeline.data.ingest.DecodeCrop`), and the worker, on its device, option
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipeline import storage as st
 from pipeline.config import AugmentConfig, CropConfig, StorageConfig
-from pipeline.data.ingest import DecodeCrop
+from pipeline.data.ingest import DecodeCrop, local_cores
 from pipeline.data.shards import ImageSpec, Manifest, Normalization, decode_images, read_shard
 
 
@@ -197,7 +196,7 @@ def _iter_crops(batches, manifest: Manifest, crop: CropConfig, norm, device, thr
     from concurrent.futures import ThreadPoolExecutor
 
     decode = DecodeCrop(manifest.image.channels, crop, train=False)
-    workers = threads or _cores()
+    workers = threads or local_cores()
     with ThreadPoolExecutor(workers) as pool:
         for batch in batches:
             blobs, ids = batch.column("image").to_pylist(), batch.column("id").to_pylist()
@@ -214,12 +213,6 @@ def _iter_crops(batches, manifest: Manifest, crop: CropConfig, norm, device, thr
             if device is not None:
                 pixels = pixels.to(device)
             yield to_float_normalized(pixels, norm, channels_last=False), labels
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def photo_batches(
