@@ -210,7 +210,7 @@ def read_bytes(loc: Location) -> bytes:
         raise StorageError(f"{loc.uri}: cannot be read: {exc}") from None
 
 
-def write_bytes_atomic(loc: Location, data: bytes) -> None:
+def write_bytes_atomic(loc: Location, data: bytes | memoryview) -> None:
     """Write so that readers see the old file, the whole new file, or nothing.
 
     Locally: write a temporary sibling, fsync, rename. On S3 a PUT is already all-or-nothing.

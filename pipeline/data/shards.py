@@ -234,7 +234,7 @@ def encode_image(image: np.ndarray, spec: ImageSpec) -> bytes:
     if spec.encoding == "raw":
         return image.tobytes()
     if spec.encoding == "jpeg":
-        raise ValueError("JPEG datasets store encoded files: add them with add_encoded")
+        raise ValueError("JPEG datasets store encoded files: import them (pipeline.data.photos)")
     from PIL import Image
 
     buf = io.BytesIO()
@@ -279,6 +279,35 @@ def decode_one(blob: bytes, spec: ImageSpec, row: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Writing
+
+
+def shard_rel(split: str, stem: str, suffix: str = "") -> str:
+    """A shard's path inside its dataset: `<split>/part-<stem><suffix>.parquet`."""
+    return f"{split}/part-{stem}{suffix}.parquet"
+
+
+def write_shard(
+    root: st.Location, rel: str, rows: list[tuple[bytes, int, str]], encoding: str
+) -> ShardInfo:
+    """Write (image, label, id) rows as one Parquet shard under `root`, atomically; its size and
+    sha256 go into the manifest. PNG and JPEG bytes are stored uncompressed (they are already),
+    raw pixels with zstd. The encoded file is hashed and written from Arrow's buffer (no copy)."""
+    table = pa.table(
+        {
+            "image": pa.array([r[0] for r in rows], pa.binary()),
+            "label": pa.array([r[1] for r in rows], pa.int64()),
+            "id": pa.array([r[2] for r in rows], pa.string()),
+        },
+        schema=SCHEMA,
+    )
+    sink = pa.BufferOutputStream()
+    compression = "zstd" if encoding == "raw" else "none"
+    pq.write_table(table, sink, compression=compression, row_group_size=4096)
+    data = memoryview(sink.getvalue())
+    st.write_bytes_atomic(root.join(rel), data)
+    return ShardInfo(
+        path=rel, rows=len(rows), bytes=data.nbytes, sha256=hashlib.sha256(data).hexdigest()
+    )
 
 
 class DatasetWriter:
@@ -368,19 +397,6 @@ class DatasetWriter:
             self._pixels += x.shape[0]
         self._append(split, encode_image(pixels, self.image), label, row_id)
 
-    def add_encoded(self, split: str, image: imaging.EncodedImage, label: int, row_id: str) -> None:
-        """Add an image already encoded as the dataset stores it (an importer's output)."""
-        self._check_label(label, row_id)
-        self._check_size(row_id, image.height, image.width)
-        if split == "train":
-            self._sum += image.channel_sum
-            self._sumsq += image.channel_sumsq
-            self._pixels += image.pixels
-        if not self.image.fixed_size:
-            self._heights.setdefault(split, array("I")).append(image.height)
-            self._widths.setdefault(split, array("I")).append(image.width)
-        self._append(split, image.blob, label, row_id)
-
     def _check_label(self, label: int, row_id: str) -> None:
         if not 0 <= label < len(self.classes):
             raise DatasetError(
@@ -405,36 +421,56 @@ class DatasetWriter:
         rows = self._buffers.get(split) or []
         if not rows:
             return
+        index = len(self._splits[split].shards) if split in self._splits else 0
+        rel = shard_rel(split, f"{index:05d}", self.shard_suffix)
+        self._written.append(self.root.join(rel))
+        shard = write_shard(self.root, rel, rows, self.image.encoding)
+        self.add_shards(split, [shard], [label for _, label, _ in rows])
+        self._buffers[split] = []
+        self._buffer_bytes[split] = 0
+
+    # -- shards written elsewhere (the image importer's worker processes) ------------------------
+    @property
+    def shard_root(self) -> str:
+        """Where shards go until the commit: the staging directory, or the S3 target."""
+        return self.root.uri
+
+    @property
+    def shard_suffix(self) -> str:
+        return f"-{self._write_id}" if self.target.is_s3 else ""
+
+    def adopt(self, shards: list[ShardInfo]) -> None:
+        """Shards written into `shard_root` by another process: deleted if the write aborts."""
+        self._written += [self.root.join(s.path) for s in shards]
+
+    def add_shards(
+        self,
+        split: str,
+        shards: list[ShardInfo],
+        labels: list[int],
+        stats: tuple[np.ndarray, np.ndarray, int] | None = None,
+        sizes: tuple[list[int], list[int]] | None = None,
+    ) -> None:
+        """Record written shards in order: their rows' labels, the train split's pixel sums
+        (`stats`: sum, sum of squares, pixels) and a mixed-size dataset's (heights, widths)."""
+        if not shards:
+            return
         info = self._splits.setdefault(
             split, SplitInfo(rows=0, class_counts=[0] * len(self.classes), shards=[])
         )
-        table = pa.table(
-            {
-                "image": pa.array([r[0] for r in rows], pa.binary()),
-                "label": pa.array([r[1] for r in rows], pa.int64()),
-                "id": pa.array([r[2] for r in rows], pa.string()),
-            },
-            schema=SCHEMA,
-        )
-        sink = pa.BufferOutputStream()
-        compression = "zstd" if self.image.encoding == "raw" else "none"  # PNG/JPEG are
-        pq.write_table(table, sink, compression=compression, row_group_size=4096)
-        data = sink.getvalue().to_pybytes()
-        suffix = f"-{self._write_id}" if self.target.is_s3 else ""
-        rel = f"{split}/part-{len(info.shards):05d}{suffix}.parquet"
-        loc = self.root.join(rel)
-        st.write_bytes_atomic(loc, data)
-        self._written.append(loc)
-        info.shards.append(
-            ShardInfo(
-                path=rel, rows=len(rows), bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
-            )
-        )
-        info.rows += len(rows)
-        for _, label, _ in rows:
+        if sum(s.rows for s in shards) != len(labels):
+            raise AssertionError("every row of a shard needs its label")
+        info.shards += shards
+        info.rows += len(labels)
+        for label in labels:
             info.class_counts[label] += 1
-        self._buffers[split] = []
-        self._buffer_bytes[split] = 0
+        if stats is not None and split == "train":
+            self._sum += stats[0]
+            self._sumsq += stats[1]
+            self._pixels += stats[2]
+        if sizes is not None and not self.image.fixed_size:
+            self._heights.setdefault(split, array("I")).extend(sizes[0])
+            self._widths.setdefault(split, array("I")).extend(sizes[1])
 
     # -- commit / abort -------------------------------------------------------------------------
     def commit(self) -> Manifest:
@@ -524,7 +560,8 @@ class DatasetWriter:
             for loc in self._written:
                 _delete_quietly(loc)
             if self._replaced is None:  # drop the directory markers pyarrow leaves behind
-                for split in self._splits:
+                written = {loc.path.rpartition("/")[0].rpartition("/")[2] for loc in self._written}
+                for split in sorted(set(self._splits) | written):
                     _delete_quietly(self.root.join(split), directory=True)
                 _delete_quietly(self.root, directory=True)
         else:

@@ -201,7 +201,10 @@ def _local_tree(root: Path) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(dirs)
 
 
-def _s3_tree(root: st.Location, storage: StorageConfig | None) -> tuple[list[str], list[str]]:
+def _s3_tree(
+    root: st.Location, storage: StorageConfig | None, sizes: dict[str, int] | None = None
+) -> tuple[list[str], list[str]]:
+    """Like `_local_tree`; `sizes` (if given) gets each image's bytes from the listing."""
     st.check_bucket(root.uri, storage)
     try:
         infos = root.fs.get_file_info(
@@ -220,6 +223,8 @@ def _s3_tree(root: st.Location, storage: StorageConfig | None) -> tuple[list[str
             dirs.append(rel)
         elif _is_image(rel):
             files.append(rel)
+            if sizes is not None:
+                sizes[rel] = info.size
             parent = rel.rpartition("/")[0]
             while parent:  # S3 has no directories: every prefix of a key is one
                 dirs.append(parent)
@@ -260,9 +265,10 @@ def _folder_rows(
     src: str, storage: StorageConfig | None
 ) -> tuple[list[ImageFile], list[str], list[str], list[str | None]]:
     """(files, their class names, the classes, the given split per file or None)."""
+    sizes: dict[str, int] = {}  # an S3 listing's: they plan the shards (local files are stat'ed)
     if st.is_s3(src):
         root = st.resolve(src, storage)
-        files, dirs = _s3_tree(root, storage)
+        files, dirs = _s3_tree(root, storage, sizes)
         where = root.uri
 
         def source(rel: str) -> str:
@@ -283,7 +289,7 @@ def _folder_rows(
     given: list[str | None] = []
     for base in bases:
         for cls, paths in _classes_in(files, dirs, base, where).items():
-            out += [ImageFile(source(p), p) for p in paths]
+            out += [ImageFile(source(p), p, size=sizes.get(p)) for p in paths]
             names += [cls] * len(paths)
             given += [base.rstrip("/") or None] * len(paths)
     if not names:

@@ -80,6 +80,56 @@ def test_parallel_jpeg_import_keeps_files_converts_the_awkward_ones_and_validate
     assert jpeg_import(src, tmp_path / "one", workers=1).digest == m.digest
 
 
+def test_pool_processes_write_shards_planned_by_file_size_the_same_for_any_pool(tmp_path):
+    src = tmp_path / "src"
+    make_photo_tree(src)
+    sizes = {p.relative_to(src).as_posix(): p.stat().st_size for p in src.rglob("*.*")}
+    shard_bytes = 3 * sum(sizes.values()) // len(sizes)  # about three files a shard
+    opts = WriteOptions(
+        out=str(tmp_path / "ds"), encoding="jpeg", shard_mb=shard_bytes / 2**20, overwrite=True
+    )
+    m = import_image_folder(src, opts, val_fraction=0.2, images=ImportOptions(workers=2))
+    root = resolve(str(tmp_path / "ds"))
+    assert len(m.splits["train"].shards) >= 3
+    for info in m.splits.values():
+        for shard in info.shards[:-1]:  # closed by the rule: the file that reached the bytes
+            ids = read_shard(root.join(shard.path)).column("id").to_pylist()
+            source = [sizes[i] for i in ids]
+            assert sum(source) >= shard_bytes > sum(source[:-1])
+    assert [s.path for s in m.splits["train"].shards][:2] == [
+        "train/part-00000.parquet",
+        "train/part-00001.parquet",
+    ]
+    assert validate_dataset(str(tmp_path / "ds"))[1] == []
+    one = WriteOptions(out=str(tmp_path / "one"), encoding="jpeg", shard_mb=opts.shard_mb)
+    m1 = import_image_folder(src, one, val_fraction=0.2, images=ImportOptions(workers=1))
+    assert m1.digest == m.digest and m1.normalization == m.normalization
+
+
+def test_a_shard_that_encodes_far_over_its_plan_is_written_in_parts(tmp_path):
+    src = tmp_path / "src"
+    make_photo_tree(src)
+    sizes = [p.stat().st_size for p in src.rglob("*.*")]
+    shard_mb = 4 * sum(sizes) / len(sizes) / 2**20  # four source files; their PNGs are larger
+
+    def png_import(out, workers):
+        opts = WriteOptions(out=str(tmp_path / out), encoding="png", shard_mb=shard_mb)
+        return import_image_folder(
+            src,
+            opts,
+            size=(64, 64),
+            val_fraction=0,
+            test_fraction=0,
+            images=ImportOptions(workers=workers),
+        )
+
+    m = png_import("ds", 2)
+    paths = [s.path for s in m.splits["train"].shards]
+    assert "train/part-00000-0.parquet" in paths and "train/part-00000-1.parquet" in paths
+    assert m.splits["train"].rows == 16 and validate_dataset(str(tmp_path / "ds"))[1] == []
+    assert png_import("one", 1).digest == m.digest
+
+
 def test_max_side_reencodes_only_larger_images_at_the_stated_quality(tmp_path):
     src = tmp_path / "src"
     (src / "a").mkdir(parents=True)
@@ -131,6 +181,26 @@ def test_corrupt_file_is_named_and_nothing_is_written(tmp_path):
     assert r.exit_code == 2 and "zz-broken.jpg: not a decodable image" in r.output
     assert "--skip-bad" in r.output and "Traceback" not in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.s3
+def test_an_aborted_s3_import_removes_every_shard_its_pool_wrote(tmp_path, s3_server):
+    import boto3
+
+    bucket = s3_server.new_bucket()
+    src = tmp_path / "src"
+    make_photo_tree(src, per_class=10)
+    (src / "flower" / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    opts = WriteOptions(
+        out=f"s3://{bucket}/ds",
+        encoding="jpeg",
+        shard_rows=2,
+        storage=StorageConfig(endpoint_url=s3_server.endpoint),
+    )
+    with pytest.raises(DatasetError, match=r"zz-broken\.jpg: not a decodable image"):
+        import_image_folder(src, opts, images=ImportOptions(workers=2))
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
 def test_skip_bad_leaves_bad_files_out_and_counts_them(tmp_path):
