@@ -149,8 +149,8 @@ class DecodeCrop:
 
 def epoch_shard_order(paths: Sequence[T], seed: int, epoch: int) -> list[T]:
     """The files of a split in the order of epoch `epoch`: a permutation drawn from (train.seed,
-    epoch), so every epoch reads its files in a different, reproducible order (the local shuffle
-    buffer then mixes rows within what is read)."""
+    epoch), so every epoch reads its files in a different, reproducible order (each read task
+    then shuffles rows within a window: `pipeline.data.stream`)."""
     rng = np.random.default_rng([seed, epoch])
     return [paths[i] for i in rng.permutation(len(paths))]
 

@@ -343,11 +343,14 @@ class _WorkerData:
         return batches
 
     def _iter_train(self, shuffle_seed: int) -> Iterable[Any]:
+        # Photographs are shuffled where they are read, before decoding (`PhotoShards`: a
+        # seeded window per read task); a local shuffle buffer here would copy every crop again.
+        photos = self.cfg.data.crop is not None
         return self.train_shard.iter_torch_batches(
             batch_size=self.batch,
             drop_last=True,
-            local_shuffle_buffer_size=max(4 * self.batch, 1024),
-            local_shuffle_seed=shuffle_seed,
+            local_shuffle_buffer_size=None if photos else max(4 * self.batch, 1024),
+            local_shuffle_seed=None if photos else shuffle_seed,
             device="cpu" if self.cache is not None else self.device,
             pin_memory=self._pin,
         )

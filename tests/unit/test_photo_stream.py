@@ -158,6 +158,39 @@ def test_a_read_task_decodes_and_crops_its_shards_in_full_batches_across_shard_e
         list(stream.read_crops([task[0], missing], DecodeCrop(3, CROP, True), 3))
 
 
+def test_training_reads_shuffle_rows_within_a_seeded_window_before_decoding(tmp_path):
+    from ray.data.block import BlockAccessor
+
+    make_photo_tree(tmp_path / "src", per_class=8)
+    m = import_image_folder(
+        tmp_path / "src",
+        WriteOptions(out=str(tmp_path / "ds"), encoding="jpeg", shard_rows=4),
+        val_fraction=0,
+        test_fraction=0,
+        images=ImportOptions(workers=1),
+    )
+    root = st.resolve(str(tmp_path / "ds"))
+    task = [stream.Shard(root.join(s.path), s.rows) for s in m.split("train").shards]
+    rows = sum(s.rows for s in task)
+    centre = DecodeCrop(3, CROP, train=False)  # the same crop of an image every time: its identity
+
+    def read(seed) -> list[list[bytes]]:
+        blocks = [
+            BlockAccessor.for_block(b).to_numpy() for b in stream.read_crops(task, centre, 2, seed)
+        ]
+        return [[img.tobytes() for img in b["image"]] for b in blocks]
+
+    plain, epoch0, again, epoch1 = read(None), read((0, 0, 0)), read((0, 0, 0)), read((0, 1, 0))
+    assert [len(b) for b in epoch0] == [2] * (rows // 2) + ([rows % 2] if rows % 2 else [])
+    flat = [[img for b in blocks for img in b] for blocks in (plain, epoch0, epoch1)]
+    assert sorted(flat[1]) == sorted(flat[0]) == sorted(flat[2])  # every row once
+    assert epoch0 == again and flat[1] != flat[0] and flat[1] != flat[2]  # seeded, per epoch
+    # A row moves at most a window ahead: the first block is drawn once a window and a block
+    # are read, here after 3 shards of 4 rows.
+    window = stream.SHUFFLE_BATCHES * 2
+    assert set(epoch0[0]) <= set(flat[0][: window + 4])
+
+
 def test_epoch_batches_hands_out_epochs_from_one_iterator_and_starts_the_next_run_when_done():
     runs: list[int] = []
 
