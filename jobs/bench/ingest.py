@@ -246,8 +246,11 @@ def main() -> None:
             str(work / "ds"), manifest, "train", crop=CROP, train=True, batch_size=BATCH,
             seed=seed, epochs=epochs,
         )  # fmt: skip
+        # As training's `iter_torch_batches` (`_WorkerData._iter_train`): its default prefetch
+        # of one batch (Ray waits for the whole prefetch window before the first batch), no
+        # local shuffle buffer (the read tasks shuffle).
         stream = EpochBatches(
-            lambda: ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4)
+            lambda: ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=1)
         )
         try:
             for _ in range(epochs):
