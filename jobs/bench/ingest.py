@@ -7,7 +7,8 @@ consecutive epochs per loader and round, as a training run reads them:
   (i)   one     one process: Pillow decode (draft mode) + crop + flip, the per-core ceiling
   (ii)  ray     `photo_dataset` (Ray Data: `PhotoShards` reads, decodes and crops) of `--epochs`
                 epochs in one stream, an epoch's batches at a time (`EpochBatches`), as a
-                training worker gets them, no model, every core
+                training worker gets them (rows shuffled in the read tasks, one batch of
+                prefetch), no model, every core
   (iii) torch   `torch.utils.data.DataLoader`, one persistent worker process per core, over the
                 same files and the same per-image function (the peer)
 plus, for reference, (i) without draft mode through torchvision's own RandomResizedCrop on PIL
@@ -17,7 +18,8 @@ the images of its `--epochs` epochs over their time (each epoch's start included
 rounds. Ray's stream is closed at the end of its epochs, so it reads nothing ahead while another
 loader is timed.
 
-Import: `import_image_folder` of the same folder with every core against `workers=1`,
+Import: `import_image_folder` of the same folder with every core (pool processes write whole
+shards) against `workers=1` (the same code in one process),
 alternating, `--import-rounds` times each (an import takes a few seconds, so a neighbour's burst
 moves one run by 20%), medians.
 
