@@ -122,7 +122,7 @@ class _Written:
     error: str | None = None  # what stops the import (nothing was written)
 
 
-def _problem(f: ImageFile, storage: StorageConfig | None, recipe: imaging.ImageRecipe):
+def _prepare(f: ImageFile, storage: StorageConfig | None, recipe: imaging.ImageRecipe):
     """(the encoded image, None) or (None, "<file>: <what is wrong>")."""
     try:
         return imaging.prepare(read_source(f.source, storage), recipe), None
@@ -142,7 +142,7 @@ def _write_planned(task: _Shard) -> _Written:
     out = _Written(channel_sum=np.zeros(c), channel_sumsq=np.zeros(c))
     rows: list[tuple[bytes, int, str]] = []
     for f, label in zip(task.files, task.labels, strict=True):
-        image, problem = _problem(f, task.storage, task.recipe)
+        image, problem = _prepare(f, task.storage, task.recipe)
         if image is None:
             if not task.skip_bad:
                 out.error = (
@@ -266,32 +266,33 @@ class _Runner:
                 min(workers, len(tasks)), mp_context=_context(files, writer.shard_root)
             )
         self.window = 2 * workers
-        self.pending: deque[Future] = deque()
+        self.pending: deque[tuple[_Shard, Future]] = deque()
 
     def __enter__(self) -> _Runner:
         return self
 
+    def _submit(self, task: _Shard) -> None:
+        self.pending.append((task, self.pool.submit(_write_planned, task)))
+
     def results(self) -> Iterator[tuple[_Shard, _Written]]:
         todo = iter(self.tasks)
-        running: deque[_Shard] = deque()
         for task in todo:
-            running.append(task)
-            self.pending.append(self.pool.submit(_write_planned, task))
+            self._submit(task)
             if len(self.pending) >= self.window:
                 break
         while self.pending:
-            written = self.pending[0].result()
+            task, future = self.pending[0]
+            written = future.result()  # raises: the pair stays pending for `__exit__`
             self.pending.popleft()
             self.writer.adopt(written.shards)
             nxt = next(todo, None)
             if nxt is not None:
-                running.append(nxt)
-                self.pending.append(self.pool.submit(_write_planned, nxt))
-            yield running.popleft(), written
+                self._submit(nxt)
+            yield task, written
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        for future in self.pending:
+        for _, future in self.pending:
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.writer.adopt(future.result().shards)
 

@@ -353,7 +353,7 @@ class DatasetWriter:
         self.manifest: Manifest | None = None
         self._write_id = uuid.uuid4().hex[:8]
         self._replaced: Manifest | None = None
-        self._written: list[st.Location] = []
+        self._written: list[str] = []  # shard paths under `root`, deleted by an abort
         self._prepare_target()
 
     # -- target handling ------------------------------------------------------------------------
@@ -423,7 +423,7 @@ class DatasetWriter:
             return
         index = len(self._splits[split].shards) if split in self._splits else 0
         rel = shard_rel(split, f"{index:05d}", self.shard_suffix)
-        self._written.append(self.root.join(rel))
+        self._written.append(rel)
         shard = write_shard(self.root, rel, rows, self.image.encoding)
         self.add_shards(split, [shard], [label for _, label, _ in rows])
         self._buffers[split] = []
@@ -441,7 +441,7 @@ class DatasetWriter:
 
     def adopt(self, shards: list[ShardInfo]) -> None:
         """Shards written into `shard_root` by another process: deleted if the write aborts."""
-        self._written += [self.root.join(s.path) for s in shards]
+        self._written += [s.path for s in shards]
 
     def add_shards(
         self,
@@ -557,11 +557,10 @@ class DatasetWriter:
         if self.manifest is not None:
             return
         if self.target.is_s3:
-            for loc in self._written:
-                _delete_quietly(loc)
+            for rel in self._written:
+                _delete_quietly(self.root.join(rel))
             if self._replaced is None:  # drop the directory markers pyarrow leaves behind
-                written = {loc.path.rpartition("/")[0].rpartition("/")[2] for loc in self._written}
-                for split in sorted(set(self._splits) | written):
+                for split in sorted({rel.partition("/")[0] for rel in self._written}):
                     _delete_quietly(self.root.join(split), directory=True)
                 _delete_quietly(self.root, directory=True)
         else:

@@ -76,7 +76,7 @@ def read_crops(
 ) -> Iterator[Any]:
     """One read task: its shards' images in turn, decoded and cropped `rows` at a time, one block
     each; only the last block may be shorter. With `shuffle_seed`, the rows are shuffled within
-    a window of `SHUFFLE_BATCHES` blocks' worth of encoded images (see `_shuffled`). A shard
+    a window of `SHUFFLE_BATCHES` blocks' worth of encoded images (`_take`). A shard
     that is missing or not Parquet is named (`read_shard`), as is an image that does not decode
     (`DecodeCrop`)."""
     pending: list[tuple[bytes, int, str]] = []
@@ -103,12 +103,10 @@ def _take(pending: list, n: int, rng: np.random.Generator | None) -> list:
         out = pending[:n]
         del pending[:n]
         return out
-    out = []
-    for i in rng.choice(len(pending), n, replace=False):
-        out.append(pending[i])
-        pending[i] = None
-    kept = [r for r in pending if r is not None]
-    pending[:] = kept
+    drawn = rng.choice(len(pending), n, replace=False)
+    out = [pending[i] for i in drawn]
+    taken = set(drawn.tolist())
+    pending[:] = [r for i, r in enumerate(pending) if i not in taken]
     return out
 
 
